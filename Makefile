@@ -1,0 +1,35 @@
+# Two entry points (see README): `make run` and `make test`. Both create .venv once and reuse it.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= all
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup lint clean-venv
+
+setup: $(STAMP)
+
+# torch first (a CPU wheel on CPU-only machines, CUDA elsewhere), then the project constrained to that
+# torch; never torchvision (it breaks diffusers imports beside this torch). clean-fid without deps.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || { command -v $(PY) >/dev/null || PY=python3; $(PY) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps clean-fid
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+	@echo "Report: results/report/summary.md (plots and metrics.csv beside it)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/snakemake --lint --cores 1
+
+clean-venv:
+	rm -rf $(VENV)

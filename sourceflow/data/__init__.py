@@ -1,0 +1,1 @@
+"""Datasets: toy 2-D distributions (here), later digits, image folders, manifests and captions."""

@@ -1,0 +1,288 @@
+"""Couplings: how a minibatch of source draws is paired with a minibatch of data.
+
+A coupling receives the (global) data batch and the source and returns x0 aligned row by row with
+x1. The OT couplings re-order x0, never x1, so data, conditions and dataset indices stay together.
+
+* :class:`Independent` — x0 ~ p0 independently (flow matching, CSFM).
+* :class:`MinibatchOT` — exact assignment minimising Σ‖x0−x1‖², each source used once (OT-CFM,
+  Tong et al. 2024; Pooladian et al. 2023).
+* :class:`LoomCoupling` — minibatch OT whose assignments persist across minibatches through
+  per-datapoint noise seeds (LOOM-CFM, Davtyan et al., ICLR 2025).
+* :class:`C2OTCoupling` — cost ‖x0−x1‖² + w·d(c_i, c_j), w = ∞ for classes (C2OT, Cheng & Schwing 2025).
+* :class:`ModeCoupling` — x0 drawn from the mode of x1 under the CLS GMM (MM-FM).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from sourceflow.flow.sources import GMMSource, Source, SourceDraw
+from sourceflow.gmm.diag import DiagGMM
+
+
+@dataclass
+class Batch:
+    """A data minibatch: x1, dataset indices, the data condition and (for MM-FM) a global descriptor."""
+
+    x1: torch.Tensor
+    idx: torch.Tensor
+    cond: torch.Tensor | None = None  # class ids (int64) or continuous conditions [B, d]
+    cls: torch.Tensor | None = None  # global descriptor for mode posteriors; defaults to x1
+
+    def __len__(self) -> int:
+        return int(self.x1.shape[0])
+
+
+@dataclass
+class Pair:
+    """Coupled (x0, x1) with the source draw that produced x0."""
+
+    x0: torch.Tensor
+    x1: torch.Tensor
+    draw: SourceDraw
+    cond: torch.Tensor | None = None
+    mode: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor | slice) -> Pair:
+        """Rows ``index`` of the pair (e.g. this process's share of a globally coupled batch)."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index]
+
+        return Pair(self.x0[index], self.x1[index], self.draw.select(index), cut(self.cond), cut(self.mode))
+
+    def cost(self) -> torch.Tensor:
+        """Per-pair squared distance ‖x0 − x1‖²."""
+        return sq_dist_rows(self.x0, self.x1)
+
+
+def sq_dist_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a - b).reshape(a.shape[0], -1) ** 2).sum(1)
+
+
+def sq_cost_matrix(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """C[i, j] = ‖x0_i − x1_j‖², computed in float64 so the assignment is not decided by round-off."""
+    a = x0.detach().reshape(x0.shape[0], -1).double()
+    b = x1.detach().reshape(x1.shape[0], -1).double()
+    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T).clamp_min(0)
+
+
+def assign(cost: torch.Tensor) -> torch.Tensor:
+    """Optimal assignment (scipy's Jonker–Volgenant): perm with x0[perm[j]] paired to x1[j]."""
+    rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
+    perm = np.empty(len(cols), dtype=np.int64)
+    perm[cols] = rows
+    return torch.from_numpy(perm).to(cost.device)
+
+
+def assign_within_groups(cost: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Optimal assignment that never pairs across groups (row i and column i share group i).
+
+    Equivalent to adding w = ∞ to every cross-group entry, but solved as independent smaller problems.
+    """
+    perm = torch.empty(cost.shape[0], dtype=torch.int64)
+    g = groups.cpu()
+    for value in torch.unique(g):
+        members = torch.nonzero(g == value).flatten()
+        sub = assign(cost[members][:, members].cpu())
+        perm[members] = members[sub]
+    return perm.to(cost.device)
+
+
+class Coupling(abc.ABC):
+    """Pairs a data batch with source draws. Stateful couplings override the state methods."""
+
+    requires_fixed_source: bool = False  # True: the pairing re-orders x0, so p0 must not depend on c
+
+    @abc.abstractmethod
+    def pair(self, batch: Batch, source: Source, generator: torch.Generator | None) -> Pair:
+        """Draw x0 for ``batch`` and pair it with x1."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise KeyError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+
+class Independent(Coupling):
+    """x0 ~ p0(·|c) independently of x1."""
+
+    def pair(self, batch, source, generator):
+        draw = source.sample(len(batch), generator, cond=batch.cond)
+        return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
+
+
+class MinibatchOT(Coupling):
+    """Exact minibatch OT: a permutation of the source draws minimising Σ‖x0 − x1‖²."""
+
+    requires_fixed_source = True
+
+    def pair(self, batch, source, generator):
+        draw = source.sample(len(batch), generator)
+        perm = assign(sq_cost_matrix(draw.x0, batch.x1))
+        draw = draw.select(perm)
+        return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
+
+
+class LoomCoupling(Coupling):
+    """LOOM-CFM: persistent minibatch OT through per-datapoint noise seeds.
+
+    Each datapoint keeps ``num_caches`` integer seeds, drawn once at construction (the "first
+    epoch"). Per step: pick one slot per datapoint, regenerate its noise from the seed, solve the
+    batch assignment, hand the seeds around as the assignment says and write them back. The current
+    pairing is always feasible for the next batch problem, so the total cost of every slot never
+    increases. The seed table is training state (``state_dict``) and must survive a resume.
+    """
+
+    requires_fixed_source = True
+
+    def __init__(self, num_data: int, num_caches: int = 1, seed: int = 0):
+        if num_data < 1 or num_caches < 1:
+            raise ValueError(f"LOOM needs num_data >= 1 and num_caches >= 1, got {num_data}, {num_caches}")
+        g = torch.Generator().manual_seed(seed)
+        self.seeds = torch.randint(0, 2**62, (num_data, num_caches), generator=g, dtype=torch.int64)
+
+    @property
+    def num_caches(self) -> int:
+        return int(self.seeds.shape[1])
+
+    def pick_slots(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randint(0, self.num_caches, (n,), generator=generator)
+
+    def pair(self, batch, source, generator, update: bool = True):
+        idx = batch.idx.cpu().long()
+        if int(idx.max()) >= self.seeds.shape[0] or int(idx.min()) < 0:
+            raise IndexError(f"LOOM cache holds {self.seeds.shape[0]} datapoints, got index {int(idx.max())}")
+        slots = self.pick_slots(len(idx), generator)
+        seeds = self.seeds[idx, slots]
+        draw = source.from_seeds(seeds)
+        perm = assign(sq_cost_matrix(draw.x0, batch.x1)).cpu()
+        if update:
+            self.seeds[idx, slots] = seeds[perm]
+        draw = draw.select(perm)
+        return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
+
+    def current_pairs(self, batch: Batch, source: Source, slot: int = 0) -> Pair:
+        """The pairing the cache holds now for ``batch`` in ``slot`` (no assignment, no update)."""
+        draw = source.from_seeds(self.seeds[batch.idx.cpu().long(), slot])
+        return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
+
+    def state_dict(self):
+        return {"seeds": self.seeds.clone()}
+
+    def load_state_dict(self, state):
+        seeds = state["seeds"]
+        if seeds.shape != self.seeds.shape:
+            raise ValueError(f"LOOM cache shape {tuple(seeds.shape)} does not match {tuple(self.seeds.shape)} "
+                             "(num_data or num_caches changed since the checkpoint)")
+        self.seeds = seeds.clone().long()
+
+
+class C2OTCoupling(Coupling):
+    """C2OT: minibatch OT on ‖x0_i − x1_j‖² + w·C(c_i, c_j), c_i the condition first paired with x0_i.
+
+    Class conditions (int64) use w = ∞: the assignment never crosses classes, so x0 given c stays
+    distributed as p0. Continuous conditions use C = ‖c_i − c_j‖² and either a fixed ``weight`` or,
+    with ``target_ratio`` r, the w for which a fraction r of all entries cost no more than the
+    original pairing of their column (M_ij + w·C_ij ≤ M_jj), found by exponential + bisection search
+    warm-started from the previous batch's w (kept in the state so a resume is exact).
+    """
+
+    requires_fixed_source = True
+
+    def __init__(self, weight: float = float("inf"), target_ratio: float | None = None,
+                 max_iter: int = 30, ratio_tol: float = 1e-3):
+        self.weight = float(weight)
+        self.target_ratio = target_ratio
+        self.max_iter = max_iter
+        self.ratio_tol = ratio_tol
+
+    def pair(self, batch, source, generator):
+        if batch.cond is None:
+            raise ValueError("C2OT needs a condition (conditioning: label, angle or xcoord)")
+        draw = source.sample(len(batch), generator)
+        m = sq_cost_matrix(draw.x0, batch.x1)
+        c = batch.cond
+        if not torch.is_floating_point(c):
+            perm = assign_within_groups(m, c)
+        else:
+            cf = c.reshape(c.shape[0], -1)
+            ccost = sq_cost_matrix(cf, cf)
+            if self.target_ratio is not None:
+                self.weight = search_weight(m, ccost, self.target_ratio, self.weight, self.max_iter, self.ratio_tol)
+            if np.isinf(self.weight):
+                raise ValueError("C2OT with continuous conditions needs a finite weight or a target_ratio")
+            perm = assign(m + self.weight * ccost)
+        draw = draw.select(perm)
+        return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
+
+    def state_dict(self):
+        return {"weight": torch.tensor(self.weight, dtype=torch.float64)}
+
+    def load_state_dict(self, state):
+        self.weight = float(state["weight"])
+
+
+def search_weight(m: torch.Tensor, c: torch.Tensor, ratio: float, initial: float, max_iter: int = 30,
+                  tol: float = 1e-3, max_weight: float = 1e8) -> float:
+    """The w ≥ 0 with mean(M + w·C ≤ diag(M)[None, :]) ≈ ratio (the fraction falls as w grows)."""
+    diag = torch.diagonal(m)[None, :]
+
+    def frac(w: float) -> float:
+        return float(((m + w * c) <= diag).double().mean())
+
+    if frac(0.0) <= ratio:
+        return 0.0
+    lo, hi = 0.0, (initial if np.isfinite(initial) and initial > 0 else 1.0)
+    while frac(hi) > ratio:  # exponential search for an upper bracket
+        lo, hi = hi, hi * 2
+        if hi > max_weight:
+            return max_weight
+    mid = hi
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        f = frac(mid)
+        if abs(f - ratio) < tol:
+            break
+        if f > ratio:
+            lo = mid
+        else:
+            hi = mid
+    return mid
+
+
+class ModeCoupling(Coupling):
+    """MM-FM: x0 ~ N(μ_k, σ_k²I) with k the mode of x1's global descriptor under the CLS GMM.
+
+    ``posterior='soft'`` samples k ~ p(k | cls) every batch (MM-FM's default), ``'hard'`` takes the
+    argmax. The descriptor is ``batch.cls`` (a CLS token for images), or x1 itself for toy points.
+    """
+
+    def __init__(self, cls_gmm: DiagGMM, posterior: str = "soft"):
+        if posterior not in ("soft", "hard"):
+            raise ValueError(f"posterior must be 'soft' or 'hard', got {posterior!r}")
+        self.gmm = cls_gmm
+        self.posterior = posterior
+
+    def modes(self, cls: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        logp = self.gmm.log_prob_components(cls.detach().to(self.gmm.means.device).double())
+        if self.posterior == "hard":
+            return logp.argmax(1)
+        u = torch.rand(logp.shape[0], 1, generator=generator, dtype=torch.float64).to(logp.device)
+        cdf = torch.cumsum(torch.softmax(logp, 1), 1)
+        return torch.clamp((cdf < u).sum(1), max=logp.shape[1] - 1)
+
+    def pair(self, batch, source, generator):
+        if not isinstance(source, GMMSource):
+            raise TypeError("the MM-FM mode coupling needs a GMM source")
+        if source.num_modes != self.gmm.num_modes:
+            raise ValueError(f"source has {source.num_modes} modes, CLS GMM {self.gmm.num_modes}")
+        k = self.modes(batch.cls if batch.cls is not None else batch.x1, generator)
+        draw = source.sample(len(batch), generator, mode=k)
+        return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)

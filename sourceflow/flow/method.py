@@ -1,0 +1,130 @@
+"""A method is data, not a fork of the training loop: a source, a coupling, what the model is
+conditioned on, a time sampler and (CSFM) regularisers. ``Objective`` ties a method to a velocity
+model in one ``nn.Module`` so that DDP sees every trainable parameter (the model and, for CSFM, the
+source network) through a single forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sourceflow.flow.couplings import Batch, Coupling, Independent, ModeCoupling, Pair
+from sourceflow.flow.path import LinearPath
+from sourceflow.flow.sources import LearnedSource, Source, alignment_loss, var_reg
+from sourceflow.flow.time import TimeSampler
+
+COND_FROM = ("none", "data", "mode")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Source + coupling + conditioning + time (+ CSFM regularisers).
+
+    ``cond_from``: ``none`` (unconditional), ``data`` (the batch's condition: class or continuous)
+    or ``mode`` (the GMM mode x0 was drawn from, MM-FM). ``p_uncond`` drops discrete data
+    conditions to the null id for classifier-free guidance.
+    """
+
+    def __init__(self, source: Source, coupling: Coupling | None = None, cond_from: str = "none",
+                 time: TimeSampler | None = None, p_uncond: float = 0.0, null_id: int | None = None,
+                 var_reg_weight: float = 0.0, align_weight: float = 0.0):
+        super().__init__()
+        if cond_from not in COND_FROM:
+            raise ValueError(f"cond_from must be one of {COND_FROM}, got {cond_from!r}")
+        self.source = source
+        self.coupling = coupling or Independent()
+        self.cond_from = cond_from
+        self.time = time or TimeSampler()
+        self.path = LinearPath()
+        self.p_uncond = p_uncond
+        self.null_id = null_id
+        self.var_reg_weight = var_reg_weight
+        self.align_weight = align_weight
+        if self.coupling.requires_fixed_source and isinstance(source, LearnedSource):
+            raise ValueError(f"{type(self.coupling).__name__} re-orders x0, so it cannot use a condition-dependent source")
+        if isinstance(self.coupling, ModeCoupling) and cond_from == "data":
+            raise ValueError("the MM-FM mode coupling conditions on modes (cond_from 'mode' or 'none')")
+        if cond_from == "mode" and source.num_modes == 0:
+            raise ValueError("mode conditioning needs a mixture source")
+        if p_uncond > 0 and null_id is None:
+            raise ValueError("p_uncond > 0 needs the null id of a discrete condition")
+
+    @property
+    def global_pairing(self) -> bool:
+        """Whether the pairing couples samples across the batch (then it runs on the gathered batch)."""
+        return not isinstance(self.coupling, Independent | ModeCoupling)
+
+    def pair(self, batch: Batch, generator: torch.Generator | None) -> Pair:
+        """Draw x0 and couple it with x1; ``pair.cond`` becomes the model's condition."""
+        p = self.coupling.pair(batch, self.source, generator)
+        if self.cond_from == "none":
+            p.cond = None
+        elif self.cond_from == "mode":
+            p.cond = p.mode
+        return p
+
+    def drop_condition(self, cond: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor | None:
+        if cond is None or self.p_uncond <= 0 or self.cond_from != "data":
+            return cond
+        drop = torch.rand(cond.shape[0], generator=generator) < self.p_uncond
+        return torch.where(drop.to(cond.device), torch.full_like(cond, self.null_id), cond)
+
+    def loss(self, model: nn.Module, pair: Pair, generator: torch.Generator | None) -> LossOutput:
+        """Flow-matching regression on the linear path (+ VarReg and alignment for learned sources)."""
+        t = self.time.sample(pair.x0.shape[0], generator, device=pair.x0.device)
+        ps = self.path.sample(pair.x0, pair.x1, t)
+        cond = self.drop_condition(pair.cond, generator)
+        v = model(ps.xt, t, cond)
+        fm = (v.float() - ps.ut.float()).pow(2).reshape(v.shape[0], -1).mean(1).mean()
+        total = fm
+        terms = {"fm": float(fm.detach())}
+        if pair.draw.logvar is not None and self.var_reg_weight > 0:
+            vr = var_reg(pair.draw.logvar)
+            total = total + self.var_reg_weight * vr
+            terms["var_reg"] = float(vr.detach())
+        if pair.draw.mean is not None and self.align_weight > 0:
+            al = alignment_loss(pair.draw.mean, pair.x1)
+            total = total + self.align_weight * al
+            terms["align"] = float(al.detach())
+        terms["coupling_cost"] = float(pair.cost().detach().mean())
+        return LossOutput(total, terms)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything that must survive a restart: source parameters/buffers and coupling state."""
+        out = {f"source.{k}": v for k, v in self.source.state_dict().items()}
+        out.update({f"coupling.{k}": v for k, v in self.coupling.state_dict().items()})
+        return out
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        src = {k[len("source."):]: v for k, v in state.items() if k.startswith("source.")}
+        cpl = {k[len("coupling."):]: v for k, v in state.items() if k.startswith("coupling.")}
+        self.source.load_state_dict(src)
+        self.coupling.load_state_dict(cpl)
+
+
+class Objective(nn.Module):
+    """Velocity model + method as one module whose forward returns the training loss.
+
+    ``forward(batch, local)``: ``batch`` is the batch the coupling sees (the gathered global batch
+    when the method pairs across samples); ``local`` selects this process's rows for the loss.
+    """
+
+    def __init__(self, model: nn.Module, method: Method):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, batch: Batch, local: slice, pair_generator: torch.Generator,
+                loss_generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        p = self.method.pair(batch, pair_generator)
+        out = self.method.loss(self.model, p.select(local), loss_generator)
+        return out.loss, out.terms
+

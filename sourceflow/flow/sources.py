@@ -1,0 +1,200 @@
+"""Source distributions p0: where the flow starts.
+
+Every source is a reparameterisation ``x0 = transform(z, u, cond, mode)`` of standard normals ``z``
+(shaped like one sample) and uniforms ``u`` [n, k]. The same map serves fresh draws (from a torch
+generator) and draws regenerated from per-sample integer seeds (LOOM-CFM), and for learned sources it
+is differentiable, so gradients reach the source network through x0 (CSFM).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from sourceflow.data import toy
+from sourceflow.flow.rng import seeded_normal, seeded_uniform
+
+
+@dataclass
+class SourceDraw:
+    """x0 and what produced it: the mode (GMM sources) and, for learned sources, mean and log-variance."""
+
+    x0: torch.Tensor
+    mode: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    logvar: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def select(self, index: torch.Tensor | slice) -> SourceDraw:
+        """Rows ``index`` of every field (a permutation, a mask or a slice)."""
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t[index.to(t.device)] if isinstance(index, torch.Tensor) else t[index]
+
+        return SourceDraw(cut(self.x0), cut(self.mode), cut(self.mean), cut(self.logvar),
+                          {k: cut(v) for k, v in self.extras.items()})
+
+
+class Source(nn.Module, abc.ABC):
+    """Base class: subclasses set ``event_shape`` and ``num_uniforms`` and implement ``transform``."""
+
+    event_shape: tuple[int, ...]
+    num_uniforms: int = 0
+    num_modes: int = 0  # > 0 for sources that are mixtures a model can be conditioned on
+
+    @abc.abstractmethod
+    def transform(self, z: torch.Tensor, u: torch.Tensor, cond: torch.Tensor | None = None,
+                  mode: torch.Tensor | None = None) -> SourceDraw:
+        """Map noise (and the condition / mode) to x0."""
+
+    def _device(self) -> torch.device:
+        for t in [*self.parameters(), *self.buffers()]:
+            return t.device
+        return torch.device("cpu")
+
+    def sample(self, n: int, generator: torch.Generator | None = None, cond: torch.Tensor | None = None,
+               mode: torch.Tensor | None = None) -> SourceDraw:
+        """Fresh draw of ``n`` samples (noise drawn on CPU with ``generator``, then moved)."""
+        z = torch.randn(n, *self.event_shape, generator=generator)
+        u = torch.rand(n, max(self.num_uniforms, 1), generator=generator, dtype=torch.float64)
+        dev = self._device()
+        return self.transform(z.to(dev), u.to(dev), cond, mode)
+
+    def from_seeds(self, seeds: torch.Tensor, cond: torch.Tensor | None = None,
+                   mode: torch.Tensor | None = None) -> SourceDraw:
+        """Deterministic draw: row i is a pure function of ``seeds[i]``."""
+        dev = self._device()
+        seeds = seeds.to(dev)
+        z = seeded_normal(seeds, self.event_shape)
+        u = seeded_uniform(seeds, max(self.num_uniforms, 1))
+        return self.transform(z, u, cond, mode)
+
+
+class GaussianSource(Source):
+    """N(0, σ²I)."""
+
+    def __init__(self, event_shape: tuple[int, ...], std: float = 1.0):
+        super().__init__()
+        self.event_shape = tuple(event_shape)
+        self.std = std
+
+    def transform(self, z, u, cond=None, mode=None):
+        return SourceDraw(self.std * z)
+
+
+class ToySource(Source):
+    """A 2-D toy distribution as the source (e.g. the C2OT harness starts from 8 Gaussians)."""
+
+    def __init__(self, name: str, **params: float):
+        super().__init__()
+        self.name = name
+        self.params = params
+        self.event_shape = (2,)
+        self.num_uniforms = toy.num_uniforms(name)
+
+    def transform(self, z, u, cond=None, mode=None):
+        d = toy.transform(self.name, z, u, **self.params)
+        return SourceDraw(d.x.to(z.device), extras={"label": d.label})
+
+
+class GMMSource(Source):
+    """Mixture source: mode k ~ p(k), x0 ~ N(μ_k, diag σ_k²) (MM-FM uses one σ_k per mode).
+
+    ``means`` [K, *event_shape]; ``variances`` either [K] (spherical) or [K, *event_shape] (diagonal).
+    Given ``mode`` the draw is mode-conditional; otherwise the mode is drawn by weight from ``u``.
+    """
+
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
+                 variance: str = "diag"):
+        super().__init__()
+        if variance not in ("diag", "spherical"):
+            raise ValueError(f"variance must be 'diag' or 'spherical', got {variance!r}")
+        weights = weights.to(torch.float64)
+        means = means.float()
+        variances = variances.float()
+        if variances.dim() > 1 and variance == "spherical":
+            variances = variances.reshape(variances.shape[0], -1).mean(1)
+        if variances.dim() == 1:
+            variances = variances.reshape(-1, *([1] * (means.dim() - 1))).expand_as(means).clone()
+        if not (weights.shape[0] == means.shape[0] == variances.shape[0]):
+            raise ValueError(f"GMM shapes disagree: weights {tuple(weights.shape)}, means {tuple(means.shape)}")
+        self.event_shape = tuple(means.shape[1:])
+        self.num_uniforms = 1
+        self.num_modes = int(weights.shape[0])
+        self.register_buffer("weights", weights / weights.sum())
+        self.register_buffer("means", means)
+        self.register_buffer("stds", variances.clamp_min(0).sqrt())
+
+    @classmethod
+    def load(cls, path: str | Path, variance: str = "diag") -> GMMSource:
+        """Load ``weights``, ``means``, ``variances`` from a safetensors file."""
+        try:
+            t = load_file(str(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"GMM file not found: {path}") from None
+        missing = {"weights", "means", "variances"} - set(t)
+        if missing:
+            raise KeyError(f"{path}: missing tensors {sorted(missing)}")
+        return cls(t["weights"], t["means"], t["variances"], variance)
+
+    def sample_modes(self, u: torch.Tensor) -> torch.Tensor:
+        """Inverse-CDF mode draw from uniforms [n]."""
+        cdf = torch.cumsum(self.weights, 0)
+        return torch.clamp(torch.searchsorted(cdf, u.to(cdf.dtype).contiguous()), max=self.num_modes - 1)
+
+    def transform(self, z, u, cond=None, mode=None):
+        if mode is None:
+            mode = self.sample_modes(u[:, 0])
+        mode = mode.to(self.means.device).long()
+        return SourceDraw(self.means[mode] + self.stds[mode] * z, mode=mode)
+
+
+class LearnedSource(Source):
+    """CSFM's condition-dependent source N(μφ(c), σφ(c)²) with x0 = μ + σ·ε (no stop-gradient).
+
+    ``net`` maps the condition to a tensor of [n, 2·D] (mean and log-variance) when ``learn_var``,
+    else [n, D] (σ = 1). Gradients of the flow-matching loss reach ``net`` through x_t and u.
+    """
+
+    def __init__(self, net: nn.Module, event_shape: tuple[int, ...], learn_var: bool = True):
+        super().__init__()
+        self.net = net
+        self.event_shape = tuple(event_shape)
+        self.learn_var = learn_var
+
+    def stats(self, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if cond is None:
+            raise ValueError("a learned (CSFM) source needs a condition")
+        out = self.net(cond)
+        d = math.prod(self.event_shape)
+        mean = out[:, :d].reshape(-1, *self.event_shape)
+        logvar = out[:, d:2 * d].reshape(-1, *self.event_shape) if self.learn_var else torch.zeros_like(mean)
+        return mean, logvar
+
+    def transform(self, z, u, cond=None, mode=None):
+        mean, logvar = self.stats(cond)
+        return SourceDraw(mean + torch.exp(0.5 * logvar) * z, mean=mean, logvar=logvar)
+
+
+def var_reg(logvar: torch.Tensor) -> torch.Tensor:
+    """CSFM VarReg: the variance part of KL(N(μ,σ²) ‖ N(μ,1)), ½(σ² − 1 − log σ²); 0 iff σ = 1."""
+    return 0.5 * (torch.exp(logvar) - 1.0 - logvar).mean()
+
+
+def alignment_loss(mean: torch.Tensor, x1: torch.Tensor, channel_dim: int = 1, eps: float = 1e-6) -> torch.Tensor:
+    """CSFM alignment: squared L2 between μ and x1 after normalising each token over channels.
+
+    For [B, C, H, W] latents the tokens are the H·W positions; for flat [B, D] points the whole
+    vector is one token.
+    """
+    mu = mean / (mean.norm(dim=channel_dim, keepdim=True) + eps)
+    x = x1 / (x1.norm(dim=channel_dim, keepdim=True) + eps)
+    return ((mu - x) ** 2).sum(channel_dim).mean()

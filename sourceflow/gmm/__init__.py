@@ -1,0 +1,1 @@
+"""Diagonal Gaussian mixtures: log-densities and posteriors (later: chunked EM, spatial GMMs)."""
