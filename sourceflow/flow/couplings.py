@@ -286,3 +286,19 @@ class ModeCoupling(Coupling):
         k = self.modes(batch.cls if batch.cls is not None else batch.x1, generator)
         draw = source.sample(len(batch), generator, mode=k)
         return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
+
+
+def mean_coupling_cost(coupling: Coupling, batches: list[Batch], source: Source,
+                       generator: torch.Generator | None) -> float:
+    """Mean ‖x0 − x1‖² of the pairs a coupling produces on ``batches`` (no state is changed).
+
+    For LOOM this is the cost of the pairs its cache holds now, averaged over all slots; for the
+    other couplings, of fresh pairings of each batch.
+    """
+    costs = []
+    for b in batches:
+        if isinstance(coupling, LoomCoupling):
+            costs += [coupling.current_pairs(b, source, slot).cost() for slot in range(coupling.num_caches)]
+        else:
+            costs.append(coupling.pair(b, source, generator).cost())
+    return float(torch.cat(costs).double().mean())

@@ -1,0 +1,28 @@
+# sourceflow: flow matching with better sources and couplings, as one DAG of cached artifacts.
+#   snakemake --cores all                      # the embedded default (config/config.yaml)
+#   snakemake --cores all --configfile my.yaml # another config (replaces the default one)
+#   snakemake --profile profiles/slurm         # the same workflow on a SLURM cluster
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/gmm.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        report_outputs(),

@@ -1,0 +1,1 @@
+"""Metrics: Wasserstein distances for point clouds (here), later Fréchet distances and friends."""

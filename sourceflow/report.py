@@ -1,0 +1,183 @@
+"""The report: long-form metrics table, a markdown summary and the plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sourceflow.io import atomic_path, write_text
+
+COLUMNS = ["dataset", "experiment", "method", "solver", "steps", "nfe", "metric", "value", "seed"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    plt = _plt()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def scatter_png(path: str | Path, x: np.ndarray, labels: np.ndarray | None, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(x[:, 0], x[:, 1], s=1, c=labels if labels is not None else "k", cmap="tab10")
+    ax.set_title(title)
+    ax.set_aspect("equal")
+    _save(fig, path)
+
+
+def training_curve_png(path: str | Path, log_path: str | Path, title: str) -> None:
+    """Loss (and coupling cost when logged) against step from a train_log.jsonl."""
+    plt = _plt()
+    recs = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln.strip()]
+    steps = [r["step"] for r in recs]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(steps, [r["loss"] for r in recs], label="loss")
+    if recs and "fm" in recs[0] and any(r["fm"] != r["loss"] for r in recs):
+        axes[0].plot(steps, [r["fm"] for r in recs], label="flow matching term")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    axes[1].plot(steps, [r.get("coupling_cost", np.nan) for r in recs])
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("mean ‖x0 − x1‖² of training pairs")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def metrics_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long form: one row per (run, solver, steps, metric)."""
+    rows = []
+    for r in records:
+        for metric, value in r["metrics"].items():
+            rows.append({"dataset": r["dataset"], "experiment": r["experiment"], "method": r["method"],
+                         "solver": r["solver"], "steps": r["steps"], "nfe": r["nfe"], "metric": metric,
+                         "value": float(value), "seed": r["seed"]})
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["steps"] = df["steps"].astype("Int64")
+    return df.sort_values(["dataset", "experiment", "solver", "steps", "metric", "seed"]).reset_index(drop=True)
+
+
+def _sweep_label(solver: str, steps: Any) -> str:
+    return solver if pd.isna(steps) else f"{solver}-{int(steps)}"
+
+
+def summary_table(df: pd.DataFrame, metric: str = "w2sq") -> pd.DataFrame:
+    """Experiments × sweep entries: mean ± std over seeds of ``metric`` (dopri5 also shows its NFE)."""
+    d = df[df.metric == metric].copy()
+    d["entry"] = [_sweep_label(s, k) for s, k in zip(d.solver, d.steps, strict=True)]
+    g = d.groupby(["dataset", "experiment", "method", "entry"])
+    stats = g.value.agg(["mean", "std", "count"]).reset_index()
+    nfe = g.nfe.mean().reset_index()
+    stats = stats.merge(nfe, on=["dataset", "experiment", "method", "entry"])
+
+    def cell(r: pd.Series) -> str:
+        s = f"{r['mean']:.3f} ± {0.0 if pd.isna(r['std']) else r['std']:.3f}"
+        return s + (f" (NFE {r['nfe']:.0f})" if r.entry.startswith("dopri5") else "")
+
+    stats["cell"] = stats.apply(cell, axis=1)
+    order = sorted(stats.entry.unique(), key=lambda e: (e.startswith("dopri5"), e.split("-")[0],
+                                                         int(e.split("-")[1]) if "-" in e else 0))
+    table = stats.pivot(index=["dataset", "experiment", "method"], columns="entry", values="cell")[order]
+    return table.reset_index()
+
+
+def run_means(df: pd.DataFrame, metric: str, entry: str) -> pd.DataFrame:
+    d = df[df.metric == metric]
+    d = d[[_sweep_label(s, k) == entry for s, k in zip(d.solver, d.steps, strict=True)]]
+    return d.groupby(["dataset", "experiment", "method"]).value.agg(["mean", "std", "count"]).reset_index()
+
+
+def w2_vs_nfe_png(path: str | Path, df: pd.DataFrame, metric: str = "w2sq") -> None:
+    """One panel per dataset: the metric against NFE for each experiment (mean ± std over seeds)."""
+    plt = _plt()
+    d = df[df.metric == metric]
+    datasets = sorted(d.dataset.unique())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
+    for ax, ds in zip(axes[0], datasets, strict=True):
+        for exp, de in d[d.dataset == ds].groupby("experiment"):
+            for solver, marker, ls in (("euler", "o", "-"), ("heun", "s", "--"), ("midpoint", "^", ":")):
+                ds_ = de[de.solver == solver].groupby("steps").agg(nfe=("nfe", "mean"), m=("value", "mean"),
+                                                                     s=("value", "std")).reset_index()
+                if len(ds_):
+                    line = ax.errorbar(ds_.nfe, ds_.m, yerr=ds_.s.fillna(0), marker=marker, ls=ls, capsize=2,
+                                       label=f"{exp} ({solver})")
+                    color = line[0].get_color()
+            ad = de[de.solver == "dopri5"]
+            if len(ad):
+                ax.errorbar(ad.nfe.mean(), ad.value.mean(), xerr=ad.nfe.std() if len(ad) > 1 else 0,
+                            yerr=ad.value.std() if len(ad) > 1 else 0, marker="*", ms=12, color=color, ls="none",
+                            label=f"{exp} (dopri5)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE (function evaluations)")
+        ax.set_ylabel("W2² to held-out data" if metric == "w2sq" else metric)
+        ax.set_title(ds)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def scatter_grid_png(path: str | Path, samples: dict[str, dict[str, np.ndarray]], columns: list[str],
+                     reference: np.ndarray, points: int = 2000) -> None:
+    """Rows: experiments; columns: sweep entries (e.g. euler-1, euler-2, euler-8) and the data."""
+    plt = _plt()
+    exps = sorted(samples)
+    fig, axes = plt.subplots(len(exps), len(columns) + 1, figsize=(2.6 * (len(columns) + 1), 2.6 * len(exps)),
+                             squeeze=False)
+    lim = np.abs(reference).max() * 1.3
+    for i, exp in enumerate(exps):
+        for j, col in enumerate([*columns, "data"]):
+            ax = axes[i, j]
+            x = reference[:points] if col == "data" else samples[exp].get(col)
+            if x is not None:
+                ax.scatter(x[:points, 0], x[:points, 1], s=0.6, alpha=0.6, color="k" if col == "data" else "C0")
+            else:
+                ax.text(0.5, 0.5, "not sampled", ha="center", transform=ax.transAxes)
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(col)
+            if j == 0:
+                ax.set_ylabel(exp)
+    _save(fig, path)
+
+
+def write_summary(path: str | Path, df: pd.DataFrame, extra: str = "") -> None:
+    """Markdown: the W2² table over the sweep, straightness and coupling cost per experiment."""
+    lines = ["# sourceflow report", "",
+             "W2² between generated samples and held-out data (exact EMD), mean ± std over seeds; "
+             "dopri5 shows its mean NFE. Lower is better.", ""]
+    for ds, t in summary_table(df).groupby("dataset"):
+        lines += [f"## {ds}", "", t.drop(columns="dataset").to_markdown(index=False), ""]
+    pe = run_means(df, "path_energy", "dopri5")
+    cc = run_means(df, "coupling_cost", "dopri5")
+    if len(pe):
+        t = pe.merge(cc, on=["dataset", "experiment", "method"], suffixes=("_pe", "_cc"))
+        t["path energy (dopri5)"] = [f"{m:.4f} ± {0 if pd.isna(s) else s:.4f}" for m, s in zip(t.mean_pe, t.std_pe, strict=True)]
+        t["coupling cost"] = [f"{m:.3f} ± {0 if pd.isna(s) else s:.3f}" for m, s in zip(t.mean_cc, t.std_cc, strict=True)]
+        lines += ["## Straightness and coupling", "",
+                  "Normalised path energy ∫‖v‖²dt / ‖x1−x0‖² − 1 of the sampling trajectories (0 = straight) and "
+                  "the mean training-pair cost ‖x0 − x1‖² of the coupling.", "",
+                  t[["dataset", "experiment", "method", "path energy (dopri5)", "coupling cost"]].to_markdown(index=False), ""]
+    cond = df[df.metric == "w2sq_cond_mean"]
+    if len(cond):
+        lines += ["## Per-condition W2² (mean over condition groups)", "",
+                  summary_table(df, "w2sq_cond_mean").to_markdown(index=False), ""]
+    write_text(path, "\n".join(lines) + extra)

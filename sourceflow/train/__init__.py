@@ -1,0 +1,1 @@
+"""Training: the accelerate loop, EMA, atomic checkpoints and the JSONL log."""

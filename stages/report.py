@@ -1,0 +1,75 @@
+"""report: collect every run's metrics into results/report/.
+
+Writes metrics.csv (long form: dataset, experiment, method, solver, steps, nfe, metric, value,
+seed), summary.md (W2² over the sweep, straightness, coupling cost, per-condition W2²), w2_vs_nfe.png
+and one samples_{dataset}.png grid per dataset (each experiment's first seed at the configured Euler
+step counts, next to the data).
+
+Example:
+  python stages/report.py --runs results/moons/runs/*/seed* --data moons=results/moons/toy.safetensors \\
+      --out results/report
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sourceflow import cli  # noqa: E402
+
+
+def main() -> None:
+    p = cli.parser(__doc__)
+    p.add_argument("--runs", nargs="+", required=True, help="run directories (each with metrics/ and samples/)")
+    p.add_argument("--data", nargs="+", default=[], help="DATASET=PATH of toy data, for the scatter reference")
+    p.add_argument("--scatter-steps", type=int, nargs="+", default=[1, 2, 8], help="Euler steps shown in the grids")
+    p.add_argument("--scatter-points", type=int, default=2000, help="points per scatter panel")
+    p.add_argument("--out", required=True, help="report directory")
+    a = p.parse_args()
+
+    import numpy as np
+
+    from sourceflow.build import load_points
+    from sourceflow.io import atomic_path, read_json
+    from sourceflow.report import metrics_frame, scatter_grid_png, w2_vs_nfe_png, write_summary
+
+    records, first_seed = [], {}
+    for run in sorted(a.runs):
+        recs = read_json(Path(run) / "metrics" / "all.json")
+        if not recs:
+            raise ValueError(f"{run}/metrics/all.json lists no metrics")
+        records += recs
+        key = (recs[0]["dataset"], recs[0]["experiment"])
+        if key not in first_seed or recs[0]["seed"] < first_seed[key][0]:
+            first_seed[key] = (recs[0]["seed"], Path(run))
+    df = metrics_frame(records)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "metrics.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    w2_vs_nfe_png(out / "w2_vs_nfe.png", df)
+    data_paths = dict(item.split("=", 1) for item in a.data)
+    cols = [f"euler-{s}" for s in a.scatter_steps]
+    for ds in sorted(df.dataset.unique()):
+        if ds not in data_paths:
+            continue
+        samples = {}
+        for (d, exp), (_, run) in first_seed.items():
+            if d != ds:
+                continue
+            samples[exp] = {}
+            for c in cols:
+                f = run / "samples" / c / "samples.npz"
+                if f.exists():
+                    with np.load(f) as z:
+                        samples[exp][c] = z["x"]
+        ref = load_points(data_paths[ds], "test").x.numpy()
+        scatter_grid_png(out / f"samples_{ds}.png", samples, cols, ref, a.scatter_points)
+    write_summary(out / "summary.md", df)
+    print(f"report: {out}/summary.md ({len(df)} metric rows from {len(a.runs)} runs)")
+
+
+if __name__ == "__main__":
+    cli.run(main)

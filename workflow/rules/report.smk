@@ -1,0 +1,31 @@
+# The report: metrics.csv (long form), summary.md, W2-vs-NFE plot and sample grids.
+
+
+rule report:
+    input:
+        metrics=[f"{run_dir(d, e, s)}/metrics/all.json" for d, e, s in runs()],
+        data=sorted({f"{R}/{d}/toy.safetensors" for d, _, _ in runs()}),
+    output:
+        csv=f"{R}/report/metrics.csv",
+        summary=report(f"{R}/report/summary.md", caption="../report/summary.rst", category="Results"),
+        w2=report(f"{R}/report/w2_vs_nfe.png", caption="../report/w2_vs_nfe.rst", category="Results"),
+        grids=[
+            report(f"{R}/report/samples_{d}.png", caption="../report/samples.rst", category="Samples")
+            for d in sorted({d for d, _, _ in runs()})
+        ],
+    params:
+        runs=[run_dir(d, e, s) for d, e, s in runs()],
+        data=" ".join(sorted({f"{d}={R}/{d}/toy.safetensors" for d, _, _ in runs()})),
+        steps=" ".join(str(s) for s in config["report"]["scatter_steps"]),
+        points=config["report"]["scatter_points"],
+    log:
+        f"{R}/logs/report.log",
+    conda:
+        "../../envs/eval.yaml"
+    resources:
+        gpu=0,
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "{PY} stages/report.py --runs {params.runs} --data {params.data} --scatter-steps {params.steps} "
+        "--scatter-points {params.points} --out {R}/report > {log} 2>&1"

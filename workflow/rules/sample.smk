@@ -1,0 +1,27 @@
+# Sampling: one job per run over the configured solver x steps sweep (skips entries already written).
+
+
+rule sample:
+    input:
+        model=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/model.safetensors",
+        data=data_file,
+        gmm=gmm_file,
+    output:
+        index=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/samples/index.json",
+    params:
+        spec=spec_for("sample"),
+        gmm=gmm_flag,
+        out=lambda wc: f"{run_dir(wc.dataset, wc.exp, wc.seed)}/samples",
+    log:
+        f"{R}/logs/{{dataset}}/{{exp}}/seed{{seed}}/sample.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/{{exp}}/seed{{seed}}/sample.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    resources:
+        gpu=0,
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "{PY} stages/sample.py --spec {params.spec:q} --data {input.data} {params.gmm} --model {input.model} "
+        "--out {params.out} --seed {wildcards.seed} > {log} 2>&1"

@@ -1,0 +1,30 @@
+# Training: one job per (experiment, seed); resumes from its checkpoint after a kill.
+
+
+rule train:
+    input:
+        data=data_file,
+        gmm=gmm_file,
+    output:
+        model=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/model.safetensors",
+        summary=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/train_summary.json",
+    params:
+        spec=spec_for("train"),
+        gmm=gmm_flag,
+        launch=train_launcher,
+        out=lambda wc: run_dir(wc.dataset, wc.exp, wc.seed),
+        threads=lambda wc: SPECS[wc.exp]["train"]["threads"],
+    log:
+        f"{R}/logs/{{dataset}}/{{exp}}/seed{{seed}}/train.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/{{exp}}/seed{{seed}}/train.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: lambda wc: SPECS[wc.exp]["train"]["processes"] * SPECS[wc.exp]["train"]["threads"]
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=120,
+    shell:
+        "{params.launch} stages/train.py --spec {params.spec:q} --data {input.data} {params.gmm} "
+        "--out {params.out} --seed {wildcards.seed} --threads {params.threads} > {log} 2>&1"
