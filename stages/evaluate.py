@@ -37,6 +37,7 @@ def main() -> None:
     from sourceflow.build import load_points
     from sourceflow.config import load_spec
     from sourceflow.io import read_json, write_json
+    from sourceflow.metrics.paths import normalized_path_energy
     from sourceflow.metrics.wasserstein import condition_groups, w2_squared
 
     spec = load_spec(a.spec)
@@ -54,7 +55,7 @@ def main() -> None:
             raise ValueError(f"{a.samples}/{tag}: samples contain NaN or inf")
         n = min(m, len(s["x"]), len(ref_x))
         w2sq = w2_squared(s["x"][:n], ref_x[:n])
-        metrics = {"w2sq": w2sq, "w2": float(np.sqrt(w2sq)), "path_energy": float(np.mean(s["path_energy"])),
+        metrics = {"w2sq": w2sq, "w2": float(np.sqrt(w2sq)), "path_energy": normalized_path_energy(s["energy"], s["displacement"]),
                    "nfe": info["nfe"], "coupling_cost": summary["coupling_cost"], "eval_points": n}
         if "cond" in s:
             ref_cond = test.condition(spec["conditioning"]).numpy()

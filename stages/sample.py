@@ -3,7 +3,7 @@
 For every entry of spec.sample.solvers (e.g. euler with steps [1, 2, 4, 8], dopri5) writes
 OUT/{solver}-{steps}/samples.npz (or OUT/dopri5/…) with `x` (samples), `x0` (source draws),
 `cond` (the data condition each sample was conditioned on, taken from the test split), `mode` (GMM
-mode, MM-FM) and `path_energy` (per-sample normalised path energy), plus info.json with the solver,
+mode, MM-FM), `energy` (∫‖v‖²dt per trajectory) and `displacement` (‖x1 − x0‖²), plus info.json with the solver,
 steps, true NFE and time; OUT/index.json lists them all once the sweep is complete. Entries already written for the same model are skipped (resumable).
 
 Example:
@@ -68,7 +68,7 @@ def main() -> None:
         res = generate(model, method, n, cond, solver, steps, g, batch_size=s["batch_size"], shift=s["shift"],
                        rtol=s["rtol"], atol=s["atol"], guidance_scale=s["guidance_scale"],
                        null_id=cs.null_id if cs.kind == "discrete" else None, traj_points=s["traj_points"])
-        arrays = {"x": res.x, "x0": res.x0, "path_energy": res.path_energy}
+        arrays = {"x": res.x, "x0": res.x0, "energy": res.energy, "displacement": res.displacement}
         if cond is not None:
             arrays["cond"] = cond.numpy()
         if res.mode is not None:

@@ -1,4 +1,5 @@
-"""Residual MLP velocity field for 2-D toy data (the C2OT / torchcfm harness: width 128, depth 3)."""
+"""Residual MLP velocity field for 2-D toy data (the C2OT harness: width 128, depth 3, blocks
+Linear–GELU–Linear with a skip, no normalisation)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ class MLPBlock(nn.Module):
     def __init__(self, width: int, expansion: float):
         super().__init__()
         hidden = max(1, int(width * expansion))
-        self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.net(h)
@@ -32,7 +33,7 @@ class MLPVelocity(nn.Module):
         self.time = TimeEmbedding(width)
         self.cond = CondEmbedding(cond, width)
         self.blocks = nn.ModuleList([MLPBlock(width, expansion) for _ in range(depth)])
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
+        self.out = nn.Linear(width, dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape

@@ -8,13 +8,15 @@
 #
 # Assumes Debian/Ubuntu (apt) and no systemd: daemons are started directly.
 # The config must live at /etc/slurm/slurm.conf: the snakemake slurm executor
-# plugin drops SLURM_CONF from the job environment.
+# plugin drops SLURM_CONF from the job environment. There is no accounting, so
+# `sacct` exits 1 ("accounting storage is disabled"): run snakemake with
+# `--slurm-status-command squeue` or it never notices that jobs finished.
 set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
 MARKER="# managed-by: sourceflow tests/slurm/local-cluster.sh"
 PARTITION=debug
-HOST=$(hostname -s)
+HOST=$(hostname -s 2>/dev/null || uname -n | cut -d. -f1)
 TIMEOUT=${SLURM_START_TIMEOUT:-60}
 
 log() { echo "[local-cluster] $*"; }
@@ -64,8 +66,10 @@ setup_munge() {
 
 write_conf() {
   if [[ -f $CONF ]] && ! grep -qxF "$MARKER" "$CONF"; then
-    log "backing up foreign $CONF to $CONF.bak.$(date +%s)"
-    cp -p "$CONF" "$CONF.bak.$(date +%s)"
+    local bak
+    bak="$CONF.bak.$(date +%s)"
+    log "backing up foreign $CONF to $bak"
+    cp -p "$CONF" "$bak"
   fi
   local cpus mem_mb
   cpus=$(nproc)
@@ -133,11 +137,17 @@ start() {
   log "smoke test: sbatch --wait"
   local out
   out=$(mktemp /tmp/local-cluster-smoke.XXXXXX)
-  sbatch -Q --wait -p "$PARTITION" -t 1 -o "$out" --wrap 'echo ok' >/dev/null ||
+  timeout 120 sbatch -Q --wait -p "$PARTITION" -t 1 -o "$out" --wrap 'echo ok' >/dev/null ||
     die "smoke-test job failed; see /var/log/slurm/*.log"
   grep -qx ok "$out" || die "smoke-test job produced no output"
   rm -f "$out"
   log "cluster up: node $HOST ($(nproc) CPUs), partition $PARTITION"
+}
+
+any_running() { # pgrep -x cannot take 'a|b' here: names > 15 chars never match
+  local d
+  for d in slurmd slurmctld munged; do pgrep -x "$d" >/dev/null && return 0; done
+  return 1
 }
 
 stop() {
@@ -146,10 +156,8 @@ stop() {
   for d in slurmd slurmctld munged; do
     if pgrep -x "$d" >/dev/null; then log "stopping $d"; pkill -x "$d" || true; fi
   done
-  for _ in $(seq 20); do
-    pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || pgrep -x munged >/dev/null || break
-    sleep 0.5
-  done
+  for _ in $(seq 30); do any_running || break; sleep 0.5; done
+  ! any_running || die "daemons still running after 15s"
   log "stopped"
 }
 
