@@ -14,6 +14,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/spec.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/gmm.smk"
 include: "workflow/rules/train.smk"

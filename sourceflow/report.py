@@ -39,23 +39,24 @@ def scatter_png(path: str | Path, x: np.ndarray, labels: np.ndarray | None, titl
     _save(fig, path)
 
 
-def training_curve_png(path: str | Path, log_path: str | Path, title: str) -> None:
-    """Loss (and coupling cost when logged) against step from a train_log.jsonl."""
+def training_curves_png(path: str | Path, logs: dict[str, list[Path]]) -> None:
+    """Loss and training-pair cost against step: one column per experiment, one line per seed."""
     plt = _plt()
-    recs = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln.strip()]
-    steps = [r["step"] for r in recs]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    axes[0].plot(steps, [r["loss"] for r in recs], label="loss")
-    if recs and "fm" in recs[0] and any(r["fm"] != r["loss"] for r in recs):
-        axes[0].plot(steps, [r["fm"] for r in recs], label="flow matching term")
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("loss")
-    axes[0].set_yscale("log")
-    axes[0].legend()
-    axes[1].plot(steps, [r.get("coupling_cost", np.nan) for r in recs])
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("mean ‖x0 − x1‖² of training pairs")
-    fig.suptitle(title)
+    exps = sorted(logs)
+    fig, axes = plt.subplots(2, len(exps), figsize=(3.2 * len(exps), 5.6), squeeze=False, sharex="col")
+    for j, exp in enumerate(exps):
+        for log in sorted(logs[exp]):
+            recs = [json.loads(ln) for ln in Path(log).read_text().splitlines() if ln.strip()]
+            steps = [r["step"] for r in recs]
+            label = Path(log).parent.name
+            axes[0, j].plot(steps, [r["loss"] for r in recs], lw=1, label=label)
+            axes[1, j].plot(steps, [r.get("coupling_cost", np.nan) for r in recs], lw=1, label=label)
+        axes[0, j].set_title(exp)
+        axes[0, j].set_yscale("log")
+        axes[1, j].set_xlabel("step")
+    axes[0, 0].set_ylabel("training loss")
+    axes[1, 0].set_ylabel("mean ‖x0 − x1‖² of training pairs")
+    axes[0, 0].legend(fontsize=7)
     _save(fig, path)
 
 

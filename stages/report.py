@@ -1,8 +1,8 @@
 """report: collect every run's metrics into results/report/.
 
 Writes metrics.csv (long form: dataset, experiment, method, solver, steps, nfe, metric, value,
-seed), summary.md (W2² over the sweep, straightness, coupling cost, per-condition W2²), w2_vs_nfe.png
-and one samples_{dataset}.png grid per dataset (each experiment's first seed at the configured Euler
+seed), summary.md (W2² over the sweep, straightness, coupling cost, per-condition W2²), w2_vs_nfe.png,
+training_curves.png (loss and coupling cost against step for every run) and one samples_{dataset}.png grid per dataset (each experiment's first seed at the configured Euler
 step counts, next to the data).
 
 Example:
@@ -33,7 +33,13 @@ def main() -> None:
 
     from sourceflow.build import load_points
     from sourceflow.io import atomic_path, read_json
-    from sourceflow.report import metrics_frame, scatter_grid_png, w2_vs_nfe_png, write_summary
+    from sourceflow.report import (
+        metrics_frame,
+        scatter_grid_png,
+        training_curves_png,
+        w2_vs_nfe_png,
+        write_summary,
+    )
 
     records, first_seed = [], {}
     for run in sorted(a.runs):
@@ -50,6 +56,13 @@ def main() -> None:
     with atomic_path(out / "metrics.csv") as tmp:
         df.to_csv(tmp, index=False)
     w2_vs_nfe_png(out / "w2_vs_nfe.png", df)
+    logs: dict[str, list[Path]] = {}
+    for run in a.runs:
+        log = Path(run) / "train_log.jsonl"
+        if log.exists():
+            logs.setdefault(Path(run).parent.name, []).append(log)
+    if logs:
+        training_curves_png(out / "training_curves.png", logs)
     data_paths = dict(item.split("=", 1) for item in a.data)
     cols = [f"euler-{s}" for s in a.scatter_steps]
     for ds in sorted(df.dataset.unique()):

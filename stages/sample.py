@@ -41,7 +41,7 @@ def main() -> None:
     from sourceflow.config import load_spec, sweep_tags
     from sourceflow.io import atomic_path, read_json, write_json
     from sourceflow.sampling import generate
-    from sourceflow.train.loop import load_trained
+    from sourceflow.train.checkpoint import load_trained
 
     spec = load_spec(a.spec)
     s = spec["sample"]

@@ -4,7 +4,7 @@ One process: `python stages/train.py ...`. Several: `torchrun --nproc_per_node 2
 (on CPU with ACCELERATE_USE_CPU=1: gloo). Checkpoints go to OUT/checkpoints/last every
 train.checkpoint_every steps (atomically); a rerun resumes from there unless --no-resume, and a
 checkpoint from a different configuration is ignored. Outputs: OUT/model.safetensors (EMA weights
-and method state), OUT/train_log.jsonl, OUT/train_summary.json, OUT/train_curve.png.
+and method state), OUT/train_log.jsonl (loss terms, coupling cost, grad norm, lr) and OUT/train_summary.json.
 
 Example:
   python stages/train.py --spec results/moons/runs/fm/spec.json --data results/moons/toy.safetensors \\
@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -38,7 +37,6 @@ def main() -> None:
 
     from sourceflow.build import build_method, build_model, load_points
     from sourceflow.config import load_spec, spec_hash
-    from sourceflow.report import training_curve_png
     from sourceflow.train.loop import ArrayDataset, TrainSettings, train
 
     spec = load_spec(a.spec)
@@ -52,9 +50,6 @@ def main() -> None:
     if "stopped_at" in summary:
         print(f"stopped after step {summary['stopped_at']} (checkpoint in {a.out}/checkpoints/last)")
         return
-    out = Path(a.out)
-    if os.environ.get("RANK", "0") == "0" and (out / "train_log.jsonl").exists():
-        training_curve_png(out / "train_curve.png", out / "train_log.jsonl", f"{spec['name']} seed {a.seed}")
     print(f"trained {spec['name']} seed {a.seed}: {summary['steps']} steps in {summary['seconds']} s "
           f"({summary['steps_per_second']} steps/s), coupling cost {summary['coupling_cost']:.4f}")
 

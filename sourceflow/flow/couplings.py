@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from sourceflow.flow.sources import GMMSource, Source, SourceDraw
 from sourceflow.gmm.diag import DiagGMM
@@ -73,6 +72,8 @@ def sq_cost_matrix(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 def assign(cost: torch.Tensor) -> torch.Tensor:
     """Optimal assignment (scipy's Jonker–Volgenant): perm with x0[perm[j]] paired to x1[j]."""
+    from scipy.optimize import linear_sum_assignment  # imported on first use: 1 s of start-up otherwise
+
     rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
     perm = np.empty(len(cols), dtype=np.int64)
     perm[cols] = rows

@@ -68,3 +68,15 @@ def load_checkpoint(final_dir: Path, names: list[str]) -> tuple[dict[str, dict[s
     parts = {name: load_file(str(d / f"{name}.safetensors")) for name in names}
     opt = optimizer_from_tensors(load_file(str(d / "optimizer.safetensors")), info.pop("optimizer"))
     return parts, opt, info
+
+
+def load_trained(path: str | Path, model: torch.nn.Module, method: torch.nn.Module) -> None:
+    """Load the ``model.safetensors`` a training run ends with (``model.*`` EMA weights, ``method.*``
+    method state) into a freshly built model and method."""
+    try:
+        t = load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"trained model not found: {path} (run the train stage)") from None
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    method.load_state_tensors({k[7:]: v for k, v in t.items() if k.startswith("method.")})
+

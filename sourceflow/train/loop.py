@@ -276,16 +276,3 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
         write_json(out / "train_summary.json", summary)
     acc.wait_for_everyone()
     return summary
-
-
-def load_trained(path: str | Path, model: torch.nn.Module, method: Method) -> None:
-    """Load ``model.safetensors`` written by :func:`train` into a freshly built model and method."""
-    from safetensors.torch import load_file
-
-    try:
-        t = load_file(str(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"trained model not found: {path} (run the train stage)") from None
-    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-    method.load_state_tensors({k[7:]: v for k, v in t.items() if k.startswith("method.")})
-

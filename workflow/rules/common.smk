@@ -1,11 +1,13 @@
 # Helpers shared by every rule: resolved experiment specs, paths, launch commands.
+import hashlib
 import json
 import sys
 
 from snakemake.exceptions import WorkflowError
 
 sys.path.insert(0, workflow.basedir)
-from sourceflow.config import ConfigError, resolve_experiments, sweep_tags  # noqa: E402
+from sourceflow.config import ConfigError, resolve_experiments  # noqa: E402
+from sourceflow.io import write_json  # noqa: E402
 
 PY = sys.executable  # the interpreter running Snakemake (the project's .venv)
 R = config["results"]
@@ -16,6 +18,7 @@ wildcard_constraints:
     exp=NAME,
     seed=r"\d+",
     K=r"\d+",
+    stage="train|sample|evaluate",
 
 try:
     SPECS = resolve_experiments(config)
@@ -23,20 +26,25 @@ except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
 
-def spec(wc):
-    return SPECS[wc.exp]
+STAGE_DROPS = {"train": ("sample", "evaluate", "seeds"), "sample": ("evaluate", "seeds"), "evaluate": ("seeds",)}
 
 
-def spec_for(stage):
-    """The part of an experiment's spec a stage depends on, as JSON (a Snakemake param, so that
-    changing a sampling setting reruns sample/evaluate but not train)."""
-    drop = {"train": ("sample", "evaluate", "seeds"), "sample": ("evaluate", "seeds"), "evaluate": ("seeds",)}[stage]
+def stage_spec(exp, stage):
+    """The part of an experiment's spec a stage depends on."""
+    return {k: v for k, v in SPECS[exp].items() if k not in STAGE_DROPS[stage]}
 
-    def fn(wc):
-        s = {k: v for k, v in SPECS[wc.exp].items() if k not in drop}
-        return json.dumps(s, sort_keys=True)
 
-    return fn
+def stage_spec_hash(exp, stage):
+    return hashlib.sha256(json.dumps(stage_spec(exp, stage), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_stage_spec(exp, stage, path):
+    write_json(path, stage_spec(exp, stage))
+
+
+def spec_file(stage):
+    """Input function: the experiment's spec file for ``stage``."""
+    return lambda wc: f"{R}/{SPECS[wc.exp]['data']}/runs/{wc.exp}/spec_{stage}.json"
 
 
 def run_dir(dataset, exp, seed):
@@ -76,6 +84,7 @@ def train_launcher(wc, resources):
 
 def report_outputs():
     datasets = sorted({d for d, _, _ in runs()})
-    return [f"{R}/report/metrics.csv", f"{R}/report/summary.md", f"{R}/report/w2_vs_nfe.png"] + [
+    return [f"{R}/report/metrics.csv", f"{R}/report/summary.md", f"{R}/report/w2_vs_nfe.png",
+            f"{R}/report/training_curves.png"] + [
         f"{R}/report/samples_{d}.png" for d in datasets
     ]

@@ -3,13 +3,13 @@
 
 rule evaluate:
     input:
+        spec=spec_file("evaluate"),
         samples=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/samples/index.json",
         summary=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/train_summary.json",
         data=data_file,
     output:
         metrics=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/metrics/all.json",
     params:
-        spec=spec_for("evaluate"),
         samples=lambda wc: f"{run_dir(wc.dataset, wc.exp, wc.seed)}/samples",
         out=lambda wc: f"{run_dir(wc.dataset, wc.exp, wc.seed)}/metrics",
     log:
@@ -23,5 +23,5 @@ rule evaluate:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{PY} stages/evaluate.py --spec {params.spec:q} --data {input.data} --samples {params.samples} "
+        "{PY} stages/evaluate.py --spec {input.spec} --data {input.data} --samples {params.samples} "
         "--train-summary {input.summary} --out {params.out} --seed {wildcards.seed} > {log} 2>&1"

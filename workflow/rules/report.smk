@@ -9,6 +9,7 @@ rule report:
         csv=f"{R}/report/metrics.csv",
         summary=report(f"{R}/report/summary.md", caption="../report/summary.rst", category="Results"),
         w2=report(f"{R}/report/w2_vs_nfe.png", caption="../report/w2_vs_nfe.rst", category="Results"),
+        curves=report(f"{R}/report/training_curves.png", caption="../report/training_curves.rst", category="Training"),
         grids=[
             report(f"{R}/report/samples_{d}.png", caption="../report/samples.rst", category="Samples")
             for d in sorted({d for d, _, _ in runs()})

@@ -3,13 +3,13 @@
 
 rule sample:
     input:
+        spec=spec_file("sample"),
         model=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/model.safetensors",
         data=data_file,
         gmm=gmm_file,
     output:
         index=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/samples/index.json",
     params:
-        spec=spec_for("sample"),
         gmm=gmm_flag,
         out=lambda wc: f"{run_dir(wc.dataset, wc.exp, wc.seed)}/samples",
     log:
@@ -23,5 +23,5 @@ rule sample:
         mem_mb=2000,
         runtime=30,
     shell:
-        "{PY} stages/sample.py --spec {params.spec:q} --data {input.data} {params.gmm} --model {input.model} "
+        "{PY} stages/sample.py --spec {input.spec} --data {input.data} {params.gmm} --model {input.model} "
         "--out {params.out} --seed {wildcards.seed} > {log} 2>&1"

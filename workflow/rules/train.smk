@@ -3,13 +3,13 @@
 
 rule train:
     input:
+        spec=spec_file("train"),
         data=data_file,
         gmm=gmm_file,
     output:
         model=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/model.safetensors",
         summary=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/train_summary.json",
     params:
-        spec=spec_for("train"),
         gmm=gmm_flag,
         launch=train_launcher,
         out=lambda wc: run_dir(wc.dataset, wc.exp, wc.seed),
@@ -26,5 +26,5 @@ rule train:
         mem_mb=4000,
         runtime=120,
     shell:
-        "{params.launch} stages/train.py --spec {params.spec:q} --data {input.data} {params.gmm} "
+        "{params.launch} stages/train.py --spec {input.spec} --data {input.data} {params.gmm} "
         "--out {params.out} --seed {wildcards.seed} --threads {params.threads} > {log} 2>&1"

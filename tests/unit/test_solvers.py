@@ -1,0 +1,112 @@
+"""Solvers against closed forms; NFE accounting; time samplers; guidance; path energy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import expm
+
+from sourceflow.flow.guidance import autoguidance, cfg
+from sourceflow.flow.solvers import solve
+from sourceflow.flow.time import TimeSampler, resolution_shift, shift_time, time_grid
+from sourceflow.metrics.paths import normalized_path_energy, path_energy
+
+A = torch.tensor([[-0.5, 2.0], [-2.0, -0.5]], dtype=torch.float64)
+
+
+def linear_field(t, x):
+    return x @ A.T
+
+
+def exact(x0):
+    return x0 @ torch.from_numpy(expm(A.numpy())).T
+
+
+@pytest.mark.parametrize("steps", [2, 4, 8, 16])
+def test_heun_beats_euler_on_a_linear_ode(steps):
+    x0 = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = exact(x0)
+    err = {s: (solve(linear_field, x0, s, steps).x - target).norm(dim=1).max().item() for s in ("euler", "heun", "midpoint")}
+    assert err["heun"] < err["euler"] and err["midpoint"] < err["euler"]
+    if steps >= 4:
+        assert err["heun"] < 0.25 * err["euler"]
+
+
+def test_convergence_orders():
+    x0 = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = exact(x0)
+
+    def e(s, n):
+        return (solve(linear_field, x0, s, n).x - target).norm(dim=1).max().item()
+
+    assert np.log2(e("euler", 32) / e("euler", 64)) == pytest.approx(1.0, abs=0.15)
+    assert np.log2(e("heun", 32) / e("heun", 64)) == pytest.approx(2.0, abs=0.15)
+
+
+def test_nfe_is_counted_for_every_solver():
+    calls = {"n": 0}
+
+    def field(t, x):
+        calls["n"] += 1
+        return linear_field(t, x)
+
+    x0 = torch.randn(4, 2, dtype=torch.float64)
+    for solver, steps, expected in (("euler", 5, 5), ("heun", 5, 10), ("midpoint", 3, 6)):
+        calls["n"] = 0
+        res = solve(field, x0, solver, steps)
+        assert res.nfe == calls["n"] == expected
+    calls["n"] = 0
+    res = solve(field, x0, "dopri5", rtol=1e-8, atol=1e-8)
+    assert res.nfe == calls["n"] > 6
+    torch.testing.assert_close(res.x, exact(x0), rtol=1e-6, atol=1e-6)
+    loose = solve(field, x0, "dopri5", rtol=1e-3, atol=1e-3)
+    assert loose.nfe < res.nfe
+
+
+def test_trajectories_and_path_energy():
+    x0 = torch.randn(32, 2, dtype=torch.float64)
+    x1 = torch.randn(32, 2, dtype=torch.float64)
+    res = solve(lambda t, x: x1 - x0, x0, "euler", 4, return_traj=True)
+    assert res.traj.shape == (5, 32, 2)
+    e, d = path_energy(res.traj, res.times)
+    assert normalized_path_energy(e.numpy(), d.numpy()) == pytest.approx(0.0, abs=1e-9)
+    curved = solve(linear_field, x0, "dopri5", return_traj=True, traj_points=33)
+    assert curved.traj.shape[0] == 33
+    e, d = path_energy(curved.traj, curved.times)
+    assert normalized_path_energy(e.numpy(), d.numpy()) > 0.1
+
+
+def test_shift_matches_the_formula_and_rae_factor():
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    s = 3.0
+    tau = 1 - t
+    torch.testing.assert_close(shift_time(t, s), 1 - s * tau / (1 + (s - 1) * tau))
+    assert torch.all(shift_time(t, s)[1:-1] < t[1:-1])  # more time near the source (t = 0)
+    assert resolution_shift(768 * 16 * 16) == pytest.approx(6.928, abs=1e-3)
+    g = time_grid(8, shift=s)
+    assert g[0] == 0 and g[-1] == 1 and torch.all(g[1:] > g[:-1])
+
+
+def test_time_samplers():
+    u = TimeSampler("uniform").sample(50000, torch.Generator().manual_seed(0))
+    assert u.min() >= 0 and u.max() <= 1 and u.mean().item() == pytest.approx(0.5, abs=0.01)
+    ln = TimeSampler("logit_normal", mean=0.5, std=1.0).sample(50000, torch.Generator().manual_seed(0))
+    logit = torch.log(ln / (1 - ln))
+    assert logit.mean().item() == pytest.approx(0.5, abs=0.02) and logit.std().item() == pytest.approx(1.0, abs=0.02)
+    with pytest.raises(ValueError, match="time.kind"):
+        TimeSampler("cosine")
+
+
+def test_guidance_combinators():
+    def vc(t, x):
+        return x + 1
+
+    def vu(t, x):
+        return 2 * x
+
+    x = torch.randn(3, 2)
+    t = torch.zeros(3)
+    torch.testing.assert_close(cfg(vc, vu, 2.5)(t, x), vu(t, x) + 2.5 * (vc(t, x) - vu(t, x)))
+    assert cfg(vc, vu, 1.0) is vc
+    torch.testing.assert_close(autoguidance(vc, vu, 1.5)(t, x), vu(t, x) + 1.5 * (vc(t, x) - vu(t, x)))
