@@ -1,13 +1,17 @@
 # sourceflow: flow matching with better sources and couplings, as one DAG of cached artifacts.
 #   snakemake --cores all                      # the embedded default (config/config.yaml)
-#   snakemake --cores all --configfile my.yaml # another config (replaces the default one)
+#   snakemake --cores all --configfile my.yaml # another config (replaces the default one, no merging)
 #   snakemake --profile profiles/slurm         # the same workflow on a SLURM cluster
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded default, unless --configfile names another: Snakemake would otherwise merge the two and
+# an experiment would silently inherit settings from the default (--config key=value still applies).
+if not workflow.config_settings.configfiles:
+
+    configfile: "config/config.yaml"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
@@ -17,6 +21,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/spec.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/gmm.smk"
+include: "workflow/rules/reference.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"

@@ -24,6 +24,8 @@ def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--runs", nargs="+", required=True, help="run directories (each with metrics/ and samples/)")
     p.add_argument("--data", nargs="+", default=[], help="DATASET=PATH of toy data, for the scatter reference")
+    p.add_argument("--reference", nargs="+", default=[],
+                   help="DATASET=PATH of reference_stats JSON (the data's own W2² floor, shown in table and plot)")
     p.add_argument("--scatter-steps", type=int, nargs="+", default=[1, 2, 8], help="Euler steps shown in the grids")
     p.add_argument("--scatter-points", type=int, default=2000, help="points per scatter panel")
     p.add_argument("--out", required=True, help="report directory")
@@ -55,7 +57,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "metrics.csv") as tmp:
         df.to_csv(tmp, index=False)
-    w2_vs_nfe_png(out / "w2_vs_nfe.png", df)
+    floors = {ds: read_json(path)["w2sq"] for ds, path in (item.split("=", 1) for item in a.reference)}
+    w2_vs_nfe_png(out / "w2_vs_nfe.png", df, floors=floors)
     logs: dict[str, list[Path]] = {}
     for run in a.runs:
         log = Path(run) / "train_log.jsonl"
@@ -80,7 +83,7 @@ def main() -> None:
                         samples[exp][c] = z["x"]
         ref = load_points(data_paths[ds], "test").x.numpy()
         scatter_grid_png(out / f"samples_{ds}.png", samples, cols, ref, a.scatter_points)
-    write_summary(out / "summary.md", df)
+    write_summary(out / "summary.md", df, floors=floors)
     print(f"report: {out}/summary.md ({len(df)} metric rows from {len(a.runs)} runs)")
 
 

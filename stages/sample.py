@@ -7,7 +7,7 @@ mode, MM-FM), `energy` (∫‖v‖²dt per trajectory) and `displacement` (‖x1
 steps, true NFE and time; OUT/index.json lists them all once the sweep is complete. Entries already written for the same model are skipped (resumable).
 
 Example:
-  python stages/sample.py --spec spec.json --data results/moons/toy.safetensors \\
+  python stages/sample.py --spec results/moons/runs/fm/spec_sample.json --data results/moons/toy.safetensors \\
       --model results/moons/runs/fm/seed0/model.safetensors --out results/moons/runs/fm/seed0/samples
 """
 

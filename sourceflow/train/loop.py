@@ -150,7 +150,6 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     if settings.batch_size % world:
         raise ValueError(f"batch_size {settings.batch_size} is not divisible by {world} processes")
     local_b = settings.batch_size // world
-    torch.manual_seed(seed)  # only matters for anything outside our generators
     device = acc.device
     model.to(device)
     method.to(device)
@@ -217,7 +216,7 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
         with acc.autocast():
             loss, terms = objective(batch, sel, pair_gen, loss_gen)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}; the last good checkpoint "
+            raise FloatingPointError(f"non-finite loss {float(loss.detach())} at step {step}; the last good checkpoint "
                                      f"is kept in {ckpt_dir}")
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)

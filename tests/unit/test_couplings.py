@@ -104,21 +104,21 @@ def test_loom_total_cost_never_increases_and_cache_survives_a_checkpoint(tmp_pat
     src = ToySource("8gaussians")
     loom = LoomCoupling(num_data=n, num_caches=2, seed=3)
 
-    def totals() -> list[float]:
+    def total() -> float:
+        # seeds move between (datapoint, slot) cells, so the invariant is the total over all cells
         full = Batch(x, torch.arange(n))
-        return [float(loom.current_pairs(full, src, s).cost().double().sum()) for s in range(2)]
+        return sum(float(loom.current_pairs(full, src, s).cost().double().sum()) for s in range(2))
 
-    history = [totals()]
+    history = [total()]
     for epoch in range(6):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
         for k in range(0, n, b):
             idx = perm[k:k + b]
             loom.pair(Batch(x[idx], idx), src, torch.Generator().manual_seed(100 * epoch + k))
-            history.append(totals())
+            history.append(total())
     for before, after in zip(history, history[1:], strict=False):
-        for s in range(2):
-            assert after[s] <= before[s] + 1e-6
-    assert history[-1][0] < 0.8 * history[0][0]  # it actually learns a better coupling
+        assert after <= before + 1e-6
+    assert history[-1] < 0.8 * history[0]  # it actually learns a better coupling
     # seeds are only permuted, never redrawn
     assert sorted(loom.seeds.flatten().tolist()) == sorted(LoomCoupling(n, 2, seed=3).seeds.flatten().tolist())
 

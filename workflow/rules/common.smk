@@ -1,6 +1,7 @@
 # Helpers shared by every rule: resolved experiment specs, paths, launch commands.
 import hashlib
 import json
+import os
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -9,7 +10,9 @@ sys.path.insert(0, workflow.basedir)
 from sourceflow.config import ConfigError, resolve_experiments  # noqa: E402
 from sourceflow.io import write_json  # noqa: E402
 
-PY = sys.executable  # the interpreter running Snakemake (the project's .venv)
+# Jobs run `python` from the environment running Snakemake (the project's .venv), without putting its
+# absolute path into commands or params (which would rerun everything when the checkout moves).
+shell.prefix(f"set -euo pipefail; export PATH={os.path.dirname(sys.executable)}:$PATH; ")
 R = config["results"]
 NAME = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 
@@ -38,8 +41,10 @@ def stage_spec_hash(exp, stage):
     return hashlib.sha256(json.dumps(stage_spec(exp, stage), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_stage_spec(exp, stage, path):
+def write_stage_spec(exp, stage, path, log):
     write_json(path, stage_spec(exp, stage))
+    with open(log, "w") as f:
+        f.write(f"wrote {path} ({stage_spec_hash(exp, stage)})\n")
 
 
 def spec_file(stage):
@@ -76,10 +81,10 @@ def train_launcher(wc, resources):
     """python, or torchrun for several processes (gloo on CPU, one process per GPU on GPU nodes)."""
     procs = SPECS[wc.exp]["train"]["processes"]
     if resources.gpu > 1:
-        return f"{PY} -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
+        return f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
     if procs > 1:
-        return f"ACCELERATE_USE_CPU=1 {PY} -m torch.distributed.run --standalone --nproc_per_node {procs}"
-    return PY
+        return f"ACCELERATE_USE_CPU=1 python -m torch.distributed.run --standalone --nproc_per_node {procs}"
+    return "python"
 
 
 def report_outputs():

@@ -16,5 +16,5 @@ rule make_toy_data:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{PY} stages/make_toy_data.py --distribution {params.ds[distribution]} --n-train {params.ds[n_train]} "
+        "python stages/make_toy_data.py --distribution {params.ds[distribution]} --n-train {params.ds[n_train]} "
         "--n-test {params.ds[n_test]} --seed {params.ds[seed]} --out {output.data} --plot {output.plot} > {log} 2>&1"

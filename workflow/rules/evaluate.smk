@@ -18,10 +18,11 @@ rule evaluate:
         f"{R}/benchmarks/{{dataset}}/{{exp}}/seed{{seed}}/evaluate.tsv"
     conda:
         "../../envs/eval.yaml"
+    threads: 2
     resources:
         gpu=0,
         mem_mb=4000,
         runtime=30,
     shell:
-        "{PY} stages/evaluate.py --spec {input.spec} --data {input.data} --samples {params.samples} "
-        "--train-summary {input.summary} --out {params.out} --seed {wildcards.seed} > {log} 2>&1"
+        "python stages/evaluate.py --spec {input.spec} --data {input.data} --samples {params.samples} "
+        "--train-summary {input.summary} --out {params.out} --seed {wildcards.seed} --threads {threads} > {log} 2>&1"

@@ -18,4 +18,4 @@ rule fit_cls_gmm:
         mem_mb=2000,
         runtime=30,
     shell:
-        "{PY} stages/fit_cls_gmm.py --data {input.data} --components {wildcards.K} --out {output.gmm} > {log} 2>&1"
+        "python stages/fit_cls_gmm.py --data {input.data} --components {wildcards.K} --out {output.gmm} > {log} 2>&1"

@@ -5,6 +5,7 @@ rule report:
     input:
         metrics=[f"{run_dir(d, e, s)}/metrics/all.json" for d, e, s in runs()],
         data=sorted({f"{R}/{d}/toy.safetensors" for d, _, _ in runs()}),
+        reference=sorted({f"{R}/{d}/reference/points_w2.json" for d, _, _ in runs()}),
     output:
         csv=f"{R}/report/metrics.csv",
         summary=report(f"{R}/report/summary.md", caption="../report/summary.rst", category="Results"),
@@ -17,8 +18,10 @@ rule report:
     params:
         runs=[run_dir(d, e, s) for d, e, s in runs()],
         data=" ".join(sorted({f"{d}={R}/{d}/toy.safetensors" for d, _, _ in runs()})),
+        reference=" ".join(sorted({f"{d}={R}/{d}/reference/points_w2.json" for d, _, _ in runs()})),
         steps=" ".join(str(s) for s in config["report"]["scatter_steps"]),
         points=config["report"]["scatter_points"],
+        out=lambda wc, output: os.path.dirname(output.csv),
     log:
         f"{R}/logs/report.log",
     conda:
@@ -28,5 +31,6 @@ rule report:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PY} stages/report.py --runs {params.runs} --data {params.data} --scatter-steps {params.steps} "
-        "--scatter-points {params.points} --out {R}/report > {log} 2>&1"
+        "python stages/report.py --runs {params.runs} --data {params.data} --reference {params.reference} "
+        "--scatter-steps {params.steps} "
+        "--scatter-points {params.points} --out {params.out} > {log} 2>&1"

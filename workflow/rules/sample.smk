@@ -23,5 +23,5 @@ rule sample:
         mem_mb=2000,
         runtime=30,
     shell:
-        "{PY} stages/sample.py --spec {input.spec} --data {input.data} {params.gmm} --model {input.model} "
+        "python stages/sample.py --spec {input.spec} --data {input.data} {params.gmm} --model {input.model} "
         "--out {params.out} --seed {wildcards.seed} > {log} 2>&1"

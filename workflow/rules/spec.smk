@@ -15,6 +15,4 @@ rule experiment_spec:
     log:
         f"{R}/logs/{{dataset}}/{{exp}}/spec_{{stage}}.log",
     run:
-        write_stage_spec(wildcards.exp, wildcards.stage, output[0])
-        with open(log[0], "w") as f:
-            f.write(f"wrote {output[0]} ({params.spec_hash})\n")
+        write_stage_spec(wildcards.exp, wildcards.stage, output[0], log[0])
