@@ -15,6 +15,7 @@ COPY = ["Snakefile", "workflow", "stages", "config", "profiles", "envs", "source
 
 def scratch_repo(dest: Path, config_text: str) -> Path:
     """A copy of the workflow with ``config_text`` as its config/config.yaml."""
+    dest.mkdir(parents=True, exist_ok=True)
     for name in COPY:
         src = ROOT / name
         if src.is_dir():

@@ -102,6 +102,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
     proc.wait()
     killed_at = json.loads(ckpt.read_text())["step"]
     assert 100 <= killed_at < 600 and not (repo / target).exists()
+    snakemake(repo, "--unlock")  # Snakemake itself was killed: release its lock, as a user would
     snakemake(repo, target)
     log = (repo / "results/logs/moons/otcfm/seed0/train.log").read_text()
     assert re.search(r"resuming from .* at step (\d+)", log)
