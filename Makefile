@@ -13,7 +13,7 @@ setup: $(STAMP)
 # torch first (a CPU wheel on CPU-only machines, CUDA elsewhere), then the project constrained to that
 # torch; never torchvision (it breaks diffusers imports beside this torch). clean-fid without deps.
 $(STAMP): pyproject.toml constraints.txt
-	@test -x $(BIN)/python || { command -v $(PY) >/dev/null || PY=python3; $(PY) -m venv $(VENV); }
+	@test -x $(BIN)/python || { py=$$(command -v $(PY) || command -v python3); $$py -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'

@@ -49,12 +49,12 @@ def test_workflow_through_sbatch_equals_a_local_run(cluster, tmp_path):
     res = snakemake(remote, "--profile", "profiles/slurm", *LOCAL_CLUSTER, env=env, timeout=1500)
     out = res.stdout + res.stderr
     submitted = re.findall(r"submitted with SLURM jobid (\d+)", out)
-    # data, GMM, 2 x (train, sample, evaluate), report; the spec files are local rules
-    assert len(set(submitted)) == 9, out[-3000:]
+    # data, data floor, GMM, 2 x (train, sample, evaluate), report; the spec files are local rules
+    assert len(set(submitted)) == 10, out[-3000:]
     slurm_logs = list((remote / ".snakemake" / "slurm_logs").rglob("*.log"))
     rules = {p.relative_to(remote / ".snakemake" / "slurm_logs").parts[0] for p in slurm_logs}
-    assert {"rule_make_toy_data", "rule_fit_cls_gmm", "rule_train", "rule_sample", "rule_evaluate",
-            "rule_report"} <= rules
+    assert {"rule_make_toy_data", "rule_reference_stats", "rule_fit_cls_gmm", "rule_train", "rule_sample",
+            "rule_evaluate", "rule_report"} <= rules
     snakemake(local, env=env)
     for run in ("otcfm", "mmfm"):
         a = load_file(str(remote / f"results/moons/runs/{run}/seed0/model.safetensors"))
