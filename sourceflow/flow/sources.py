@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from sourceflow.data import toy
 from sourceflow.flow.rng import seeded_normal, seeded_uniform
+from sourceflow.gmm.diag import load_gmm_tensors
 
 
 @dataclass
@@ -136,13 +136,7 @@ class GMMSource(Source):
     @classmethod
     def load(cls, path: str | Path, variance: str = "diag") -> GMMSource:
         """Load ``weights``, ``means``, ``variances`` from a safetensors file."""
-        try:
-            t = load_file(str(path))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"GMM file not found: {path}") from None
-        missing = {"weights", "means", "variances"} - set(t)
-        if missing:
-            raise KeyError(f"{path}: missing tensors {sorted(missing)}")
+        t = load_gmm_tensors(path)
         return cls(t["weights"], t["means"], t["variances"], variance)
 
     def sample_modes(self, u: torch.Tensor) -> torch.Tensor:

@@ -54,14 +54,20 @@ class DiagGMM:
 
     @classmethod
     def load(cls, path: str | Path) -> DiagGMM:
-        try:
-            t = load_file(str(path))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"GMM file not found: {path}") from None
-        missing = {"weights", "means", "variances"} - set(t)
-        if missing:
-            raise KeyError(f"{path}: missing tensors {sorted(missing)}")
+        t = load_gmm_tensors(path)
         means = t["means"].reshape(t["means"].shape[0], -1)
         var = t["variances"]
         var = var.reshape(var.shape[0], -1).expand_as(means) if var.dim() > 1 else var[:, None].expand_as(means)
         return cls(t["weights"], means, var.contiguous())
+
+
+def load_gmm_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """``weights``, ``means``, ``variances`` of a GMM file, with errors that name the file."""
+    try:
+        t = load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"GMM file not found: {path}") from None
+    missing = {"weights", "means", "variances"} - set(t)
+    if missing:
+        raise KeyError(f"{path}: missing tensors {sorted(missing)}")
+    return t

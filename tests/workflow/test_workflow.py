@@ -128,3 +128,9 @@ def test_config_errors_stop_before_any_job(tmp_path, edit, message):
     assert res.returncode != 0
     assert message in res.stdout + res.stderr
     assert not (repo / "results").exists()
+
+
+def test_lint_is_clean(tmp_path):
+    repo = scratch_repo(tmp_path, TINY)
+    res = snakemake(repo, "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in res.stdout + res.stderr

@@ -10,6 +10,8 @@ rule reference_stats:
         n=lambda wc: max(s["evaluate"]["num_points"] for s in SPECS.values() if s["data"] == wc.dataset),
     log:
         f"{R}/logs/{{dataset}}/reference_stats.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/reference_stats.tsv"
     conda:
         "../../envs/eval.yaml"
     resources:

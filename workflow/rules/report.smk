@@ -24,6 +24,8 @@ rule report:
         out=lambda wc, output: os.path.dirname(output.csv),
     log:
         f"{R}/logs/report.log",
+    benchmark:
+        f"{R}/benchmarks/report.tsv"
     conda:
         "../../envs/eval.yaml"
     resources:
