@@ -18,7 +18,7 @@ rule evaluate:
         f"{R}/benchmarks/{{dataset}}/{{exp}}/seed{{seed}}/evaluate.tsv"
     conda:
         "../../envs/eval.yaml"
-    threads: 2
+    threads: 1
     resources:
         gpu=0,
         mem_mb=4000,
