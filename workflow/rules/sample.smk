@@ -18,6 +18,7 @@ rule sample:
         f"{R}/benchmarks/{{dataset}}/{{exp}}/seed{{seed}}/sample.tsv"
     conda:
         "../../envs/torch.yaml"
+    priority: 1  # long jobs first, so the short ones fill both cores at the end
     resources:
         gpu=0,
         mem_mb=2000,

@@ -21,6 +21,7 @@ rule train:
     conda:
         "../../envs/torch.yaml"
     threads: lambda wc: SPECS[wc.exp]["train"]["processes"] * SPECS[wc.exp]["train"]["threads"]
+    priority: 2  # long jobs first, so the short ones fill both cores at the end
     resources:
         gpu=0,
         mem_mb=4000,
