@@ -23,7 +23,6 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / 
 
 METHODS = ("fm", "otcfm", "loom", "c2ot", "mmfm", "csfm")
 DATA_CONDITIONS = ("label", "angle", "xcoord")
-CONDITIONINGS = ("none", *DATA_CONDITIONS, "mode")
 SETTINGS = ("model", "train", "time", "sample", "evaluate")
 
 # What each method means when the experiment says nothing more.
