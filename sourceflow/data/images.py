@@ -1,0 +1,88 @@
+"""Reading images the way ADM / MM-FM / RAE do: decode fully, convert to RGB, ADM centre crop.
+
+Model range is [-1, 1] channels-first float32; stored and sampled images are uint8 channels-last
+(the ADM npz convention, ``arr_0`` uint8 NHWC).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be opened or fully decoded; the message starts with its path."""
+
+
+def center_crop_arr(img: Image.Image, resolution: int) -> np.ndarray:
+    """ADM's centre crop (guided-diffusion ``center_crop_arr``) to uint8 [R, R, 3].
+
+    While the short side is at least 2R, halve both sides with a BOX filter (sizes floor-divided by 2);
+    then resize with BICUBIC so the short side is exactly R (the long side is ``round(long * R / short)``,
+    Python rounding); then cut the central R×R window (offsets floor((H-R)/2), floor((W-R)/2)).
+    Images smaller than R are upsampled by the same bicubic step. Non-RGB images are converted first.
+    """
+    if resolution < 1:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    while min(img.size) >= 2 * resolution:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.Resampling.BOX)
+    scale = resolution / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    top = (arr.shape[0] - resolution) // 2
+    left = (arr.shape[1] - resolution) // 2
+    return np.ascontiguousarray(arr[top:top + resolution, left:left + resolution])
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open and fully decode an image as RGB; :class:`BadImageError` naming ``path`` if it fails.
+
+    ``Image.load()`` forces the whole file to be decoded, so truncated files fail here rather than
+    becoming partly black images (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left at its default, False).
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
+        raise BadImageError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def load_image(path: str | Path, resolution: int) -> np.ndarray:
+    """Decode ``path`` fully, convert to RGB and ADM-centre-crop to uint8 [R, R, 3]."""
+    return center_crop_arr(open_rgb(path), resolution)
+
+
+def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (or [H, W, 3]) -> float32 [B, 3, H, W] (or [3, H, W]) in [-1, 1]: x / 127.5 - 1."""
+    if isinstance(images_uint8, torch.Tensor):
+        x = images_uint8
+    else:
+        a = np.asarray(images_uint8)
+        x = torch.from_numpy(a if a.flags.writeable else a.copy())
+    if x.dtype != torch.uint8:
+        raise ValueError(f"to_model_range expects uint8 images, got {x.dtype}")
+    if x.ndim not in (3, 4) or x.shape[-1] != 3:
+        raise ValueError(f"to_model_range expects [B, H, W, 3] images, got shape {tuple(x.shape)}")
+    return (x.movedim(-1, -3).to(torch.float32) / 127.5 - 1.0).contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float [B, 3, H, W] (or [3, H, W]) in [-1, 1] -> uint8 [B, H, W, 3]: round((x + 1) * 127.5), clamped.
+
+    Rounds to nearest (ADM's sampler truncates instead); exact inverse of :func:`to_model_range`.
+    """
+    x = torch.as_tensor(images).detach()
+    if x.ndim not in (3, 4) or x.shape[-3] != 3:
+        raise ValueError(f"to_uint8 expects [B, 3, H, W] images, got shape {tuple(x.shape)}")
+    x = ((x.to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
