@@ -20,7 +20,9 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/spec.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/latents.smk"
 include: "workflow/rules/gmm.smk"
+include: "workflow/rules/captions.smk"
 include: "workflow/rules/reference.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
@@ -31,4 +33,5 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
+        artifact_outputs(),
         report_outputs(),

@@ -18,3 +18,27 @@ rule make_toy_data:
     shell:
         "python stages/make_toy_data.py --distribution {params.ds[distribution]} --n-train {params.ds[n_train]} "
         "--n-test {params.ds[n_test]} --seed {params.ds[seed]} --out {output.data} --plot {output.plot} > {log} 2>&1"
+
+
+rule prepare_data:
+    output:
+        manifest=f"{R}/{{dataset}}/manifest.parquet",
+        meta=f"{R}/{{dataset}}/manifest.json",
+    params:
+        args=prepare_data_args,
+        ds=dataset,
+    log:
+        f"{R}/logs/{{dataset}}/prepare_data.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/prepare_data.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: lambda wc: config["datasets"][wc.dataset].get("workers", 1)
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=240,
+    shell:
+        "python stages/prepare_data.py {params.args} --resolution {params.ds[resolution]} "
+        "--test-fraction {params.ds[test_fraction]} --on-bad-image {params.ds[on_bad_image]} "
+        "--workers {threads} --seed {params.ds[seed]} --out {output.manifest} > {log} 2>&1"

@@ -1,21 +1,58 @@
-# Mixtures over global descriptors (for toy data: the points), used by MM-FM.
+# Mixtures over global descriptors (CLS tokens; for toy data the points themselves), and MM-FM's
+# spatial GMM built from them.
 
 
 rule fit_cls_gmm:
     input:
-        data=f"{R}/{{dataset}}/toy.safetensors",
+        unpack(cls_gmm_input),
     output:
-        gmm=f"{R}/{{dataset}}/points/gmm/cls_K{{K}}.safetensors",
-        report=f"{R}/{{dataset}}/points/gmm/cls_K{{K}}.json",
+        gmm=f"{R}/{{dataset}}/{{encoder}}/gmm/cls_K{{K}}.safetensors",
+        report=f"{R}/{{dataset}}/{{encoder}}/gmm/cls_K{{K}}.json",
+        labels=f"{R}/{{dataset}}/{{encoder}}/gmm/cls_K{{K}}_labels.safetensors",
+        weights=report(f"{R}/{{dataset}}/{{encoder}}/gmm/cls_K{{K}}_weights.png", caption="../report/gmm_weights.rst",
+                       category="Artifacts"),
+    params:
+        args=cls_gmm_args,
+        device=gmm_device,
     log:
-        f"{R}/logs/{{dataset}}/fit_cls_gmm_K{{K}}.log",
+        f"{R}/logs/{{dataset}}/{{encoder}}/fit_cls_gmm_K{{K}}.log",
     benchmark:
-        f"{R}/benchmarks/{{dataset}}/fit_cls_gmm_K{{K}}.tsv"
+        f"{R}/benchmarks/{{dataset}}/{{encoder}}/fit_cls_gmm_K{{K}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    resources:
+        gpu=gmm_gpu,
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "python stages/fit_cls_gmm.py {params.args} --components {wildcards.K} --device {params.device} "
+        "--out {output.gmm} > {log} 2>&1"
+
+
+rule build_spatial_gmm:
+    input:
+        done=f"{R}/{{dataset}}/{{encoder}}/latents.json",
+        stats=f"{R}/{{dataset}}/{{encoder}}/latent_stats.safetensors",
+        gmm=f"{R}/{{dataset}}/{{encoder}}/gmm/cls_K{{K}}.safetensors",
+        labels=f"{R}/{{dataset}}/{{encoder}}/gmm/cls_K{{K}}_labels.safetensors",
+    output:
+        gmm=f"{R}/{{dataset}}/{{encoder}}/gmm/spatial_K{{K}}.safetensors",
+        report=f"{R}/{{dataset}}/{{encoder}}/gmm/spatial_K{{K}}.json",
+    params:
+        store=lambda wc: latents_store(wc.dataset, wc.encoder),
+        variance=lambda wc: gmm_spec(wc)["variance"],
+        budget=lambda wc: gmm_spec(wc)["memory_budget_mb"],
+    log:
+        f"{R}/logs/{{dataset}}/{{encoder}}/build_spatial_gmm_K{{K}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/{{encoder}}/build_spatial_gmm_K{{K}}.tsv"
     conda:
         "../../envs/torch.yaml"
     resources:
         gpu=0,
-        mem_mb=2000,
-        runtime=30,
+        mem_mb=lambda wc: gmm_spec(wc)["memory_budget_mb"] + 4000,
+        runtime=480,
     shell:
-        "python stages/fit_cls_gmm.py --data {input.data} --components {wildcards.K} --out {output.gmm} > {log} 2>&1"
+        "python stages/build_spatial_gmm.py --store {params.store} --stats {input.stats} --cls-gmm {input.gmm} "
+        "--labels {input.labels} --variance {params.variance} --memory-budget-mb {params.budget} "
+        "--out {output.gmm} > {log} 2>&1"

@@ -20,3 +20,51 @@ rule reference_stats:
         runtime=10,
     shell:
         "python stages/reference_stats.py --data {input.data} --num-points {params.n} --out {output} > {log} 2>&1"
+
+
+rule train_feature_net:
+    input:
+        manifest=f"{R}/{{dataset}}/manifest.parquet",
+    output:
+        net=f"{R}/{{dataset}}/feature_net/model.safetensors",
+        report=f"{R}/{{dataset}}/feature_net/report.json",
+    params:
+        fn=lambda wc: reference_spec(wc)["feature_net"],
+        res=lambda wc: dataset(wc)["resolution"],
+        seed=lambda wc: dataset(wc)["seed"],
+    log:
+        f"{R}/logs/{{dataset}}/train_feature_net.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/train_feature_net.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    resources:
+        gpu=0,
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "python stages/train_feature_net.py --manifest {input.manifest} --resolution {params.res} "
+        "--epochs {params.fn[epochs]} --batch-size {params.fn[batch_size]} --lr {params.fn[lr]} "
+        "--seed {params.seed} --out {output.net} > {log} 2>&1"
+
+
+rule reference_features:
+    input:
+        unpack(reference_input),
+    output:
+        f"{R}/{{dataset}}/reference/{{features}}.npz",
+    params:
+        args=reference_args,
+        device=lambda wc, resources: "cuda" if resources.gpu else "cpu",
+    log:
+        f"{R}/logs/{{dataset}}/reference_{{features}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/reference_{{features}}.tsv"
+    conda:
+        "../../envs/eval.yaml"
+    resources:
+        gpu=lambda wc: int(wc.features == "inception"),
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        "python stages/reference_stats.py {params.args} --device {params.device} --out {output} > {log} 2>&1"

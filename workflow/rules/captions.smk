@@ -1,0 +1,52 @@
+# Captions (CSFM's condition): a caption JSONL joined to the manifest by relative path, then embedded
+# with a text encoder into a Zarr store aligned to the manifest.
+
+
+rule align_captions:
+    input:
+        manifest=f"{R}/{{dataset}}/manifest.parquet",
+    output:
+        aligned=f"{R}/{{dataset}}/captions/aligned.parquet",
+        report=f"{R}/{{dataset}}/captions/match_report.json",
+    params:
+        captions=caption_file,
+        cap=caption_spec,
+    log:
+        f"{R}/logs/{{dataset}}/align_captions.log",
+    conda:
+        "../../envs/torch.yaml"
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python stages/align_captions.py --manifest {input.manifest} --captions {params.captions} "
+        "--path-field {params.cap[path_field]} --caption-field {params.cap[caption_field]} "
+        "--strip-prefix '{params.cap[strip_prefix]}' --min-match-fraction {params.cap[min_match_fraction]} "
+        "--out {output.aligned} > {log} 2>&1"
+
+
+rule embed_captions:
+    input:
+        aligned=f"{R}/{{dataset}}/captions/aligned.parquet",
+        manifest=f"{R}/{{dataset}}/manifest.parquet",
+    output:
+        directory(f"{R}/{{dataset}}/captions/{{text_encoder}}.zarr"),
+    params:
+        te=text_encoder_spec,
+        weights=lambda wc: f"--weights {text_encoder_spec(wc)['weights']}" if text_encoder_spec(wc)["weights"] else "",
+        device=lambda wc, resources: "cuda" if resources.gpu else "cpu",
+    log:
+        f"{R}/logs/{{dataset}}/embed_captions_{{text_encoder}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/embed_captions_{{text_encoder}}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    resources:
+        gpu=lambda wc: int(text_encoder_spec(wc)["kind"] == "clip"),
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        "python stages/embed_captions.py --aligned {input.aligned} --manifest {input.manifest} "
+        "--text-encoder {params.te[kind]} {params.weights} --max-length {params.te[max_length]} "
+        "--batch-size {params.te[batch_size]} --device {params.device} --out {output} > {log} 2>&1"

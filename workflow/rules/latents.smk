@@ -1,0 +1,51 @@
+# Encoder latents of an image dataset: a Zarr store per encoder (CLS descriptors, spatial latents,
+# optional flipped rows) and the per-position statistics that normalize the spatial latents.
+
+
+rule extract_latents:
+    input:
+        manifest=f"{R}/{{dataset}}/manifest.parquet",
+    output:
+        # The store is written in place shard by shard (so a killed job resumes); this report is written
+        # only after every shard is verified and the store is marked complete.
+        done=f"{R}/{{dataset}}/{{encoder}}/latents.json",
+    params:
+        args=encoder_args,
+        launch=extract_launcher,
+        store=lambda wc: latents_store(wc.dataset, wc.encoder),
+        device=lambda wc, resources: "cuda" if resources.gpu else "cpu",
+    log:
+        f"{R}/logs/{{dataset}}/{{encoder}}/extract_latents.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/{{encoder}}/extract_latents.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: lambda wc: encoder_spec(wc)["processes"]
+    resources:
+        gpu=lambda wc: int(encoder_spec(wc)["gpu"]) * encoder_spec(wc)["processes"],
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "{params.launch} stages/extract_latents.py --manifest {input.manifest} --split train {params.args} "
+        "--device {params.device} --out {params.store} > {log} 2>&1"
+
+
+rule latent_stats:
+    input:
+        done=f"{R}/{{dataset}}/{{encoder}}/latents.json",
+    output:
+        f"{R}/{{dataset}}/{{encoder}}/latent_stats.safetensors",
+    params:
+        store=lambda wc: latents_store(wc.dataset, wc.encoder),
+    log:
+        f"{R}/logs/{{dataset}}/{{encoder}}/latent_stats.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/{{encoder}}/latent_stats.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=120,
+    shell:
+        "python stages/latent_stats.py --store {params.store} --out {output} > {log} 2>&1"
