@@ -7,10 +7,13 @@ Model range is [-1, 1] channels-first float32; stored and sampled images are uin
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -64,6 +67,8 @@ def load_image(path: str | Path, resolution: int) -> np.ndarray:
 
 def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] (or [H, W, 3]) -> float32 [B, 3, H, W] (or [3, H, W]) in [-1, 1]: x / 127.5 - 1."""
+    import torch
+
     if isinstance(images_uint8, torch.Tensor):
         x = images_uint8
     else:
@@ -81,6 +86,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
     Rounds to nearest (ADM's sampler truncates instead); exact inverse of :func:`to_model_range`.
     """
+    import torch
+
     x = torch.as_tensor(images).detach()
     if x.ndim not in (3, 4) or x.shape[-3] != 3:
         raise ValueError(f"to_uint8 expects [B, 3, H, W] images, got shape {tuple(x.shape)}")

@@ -9,6 +9,10 @@ directory), so a results tree with a relative root can be moved together with it
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,3 +122,125 @@ def manifest_hash(path: str | Path) -> str:
     except FileNotFoundError:
         raise FileNotFoundError(f"manifest not found: {path} (run the prepare_data stage)") from None
     return h.hexdigest()[:16]
+
+
+# --- building manifests (used by stages/prepare_data.py) ---------------------------------------------
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """Split names per row ("train"/"test"): per label, round(fraction · n) seeded-random rows go to test.
+
+    Deterministic for the same labels, fraction and seed; every label keeps the same test share
+    (a class with one image stays in train unless the fraction rounds it to test).
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    labels = np.asarray(labels)
+    split = np.full(len(labels), "train", dtype=object)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        n_test = int(round(test_fraction * len(rows)))
+        split[rng.permutation(rows)[:n_test]] = "test"
+    return split
+
+
+def scan_class_folders(root: str | Path, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[str, int]]]:
+    """torchvision ImageFolder layout: ``root/<class>/**/<file>``.
+
+    Classes are the sorted non-hidden subdirectories (labels 0..C-1); files are those whose suffix is
+    in ``extensions`` (case-insensitive), walked recursively in sorted order (symlinks followed).
+    Returns (class names, [(posix path relative to root, label)]). A class without images is an error.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root}: no class subfolders (expected root/<class>/<image>)")
+    exts = tuple(e.lower() for e in extensions)
+    items: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                if not fn.startswith(".") and fn.lower().endswith(exts):
+                    found.append(Path(dirpath, fn).relative_to(root).as_posix())
+        if not found:
+            raise ValueError(f"{root / name}: class folder holds no images ({', '.join(exts)})")
+        items.extend((p, label) for p in sorted(found))
+    return classes, items
+
+
+def _check_one(path: Path) -> tuple[str | None, tuple[int, int]]:
+    from sourceflow.data.images import BadImageError, open_rgb
+
+    try:
+        im = open_rgb(path)
+    except BadImageError as e:
+        return str(e), (0, 0)
+    return None, im.size
+
+
+def check_images(root: Path, paths: list[str], workers: int, desc: str = "decoding images"
+                 ) -> tuple[list[str | None], list[tuple[int, int]]]:
+    """Decode every image fully once (thread pool; Pillow releases the GIL while decoding).
+
+    Returns per path the error message (None when it decoded) and its (width, height).
+    """
+    from multiprocessing.pool import ThreadPool
+
+    from tqdm import tqdm
+
+    full = [root / p for p in paths]
+    errors: list[str | None] = []
+    sizes: list[tuple[int, int]] = []
+    chunk = max(1, min(64, len(full) // (8 * max(1, workers)) or 1))
+    with ThreadPool(max(1, workers)) as pool, tqdm(total=len(full), desc=desc, unit="img", file=sys.stderr,
+                                                      mininterval=1.0) as bar:
+        for err, size in pool.imap(_check_one, full, chunksize=chunk):
+            errors.append(err)
+            sizes.append(size)
+            bar.update(1)
+    return errors, sizes
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as uint8 [1797, 8, 8] (0..16 scaled by 255/16, rounded) and labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    return images, d.target.astype(np.int64)
+
+
+def digits_path(i: int, label: int) -> str:
+    return f"{label}/{i:04d}.png"
+
+
+def write_digits_images(root: str | Path) -> tuple[list[str], np.ndarray]:
+    """Write the digits once as grayscale PNGs ``root/{label}/{i:04d}.png`` (i = sklearn order).
+
+    The folder is written beside ``root`` and swapped in whole, so a killed run leaves no partial tree.
+    Returns the relative paths and labels in sklearn order.
+    """
+    from PIL import Image
+
+    from sourceflow.io import replace_dir
+
+    root = Path(root)
+    images, labels = digits_arrays()
+    paths = [digits_path(i, int(y)) for i, y in enumerate(labels)]
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        for d in sorted(set(int(y) for y in labels)):
+            (tmp / str(d)).mkdir()
+        for img, p in zip(images, paths, strict=True):
+            Image.fromarray(img).save(tmp / p)
+        replace_dir(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return paths, labels
