@@ -79,10 +79,10 @@ class TextEncoder:
         self.device = torch.device(device)
         self.dim = int(model.config.hidden_size)
 
-    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def _tokenize(self, texts: list[str], padding: str) -> dict[str, torch.Tensor]:
         if isinstance(texts, str):
             raise TypeError("encode expects a list of strings, got one string")
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+        enc = self.tokenizer(list(texts), padding=padding, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
@@ -92,7 +92,9 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        enc = self._tokenize(texts)
+        # BERT padding is masked out of attention, so minilm runs on the batch's longest caption and is
+        # zero-padded to max_length afterwards (same numbers, less work); CLIP's padded states are kept.
+        enc = self._tokenize(texts, "longest" if self.name == "minilm" else "max_length")
         mask = enc["attention_mask"]
         out = self.model(**enc)
         hidden = out.last_hidden_state.float()
@@ -101,6 +103,9 @@ class TextEncoder:
             tokens = hidden * m
             pooled = tokens.sum(1) / m.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            pad = self.max_length - tokens.shape[1]
+            tokens = torch.nn.functional.pad(tokens, (0, 0, 0, pad))
+            mask = torch.nn.functional.pad(mask, (0, pad))
         else:
             tokens = hidden
             pooled = out.pooler_output.float()

