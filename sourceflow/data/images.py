@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +56,8 @@ def open_rgb(path: str | Path) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise BadImageError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise BadImageError(f"{path}: unreadable image (not an image format Pillow knows, or a damaged header)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
         raise BadImageError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
