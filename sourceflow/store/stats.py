@@ -1,0 +1,101 @@
+"""Per-position latent statistics (RAE-style): mean and variance over all rows of a store, for every
+(c, h, w) separately, used to normalise spatial latents to roughly unit scale before flow matching.
+
+Accumulated in float64 by merging per-batch means and sums of squared deviations (Chan et al.), which
+stays exact where E[x²] − E[x]² would cancel; the variance is the biased one (divide by N, numpy's
+default), saved as float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sourceflow.io import atomic_path
+
+
+@dataclass
+class LatentStats:
+    """Per-position ``mean`` and ``var`` [C, H, W] (float32); normalize = (x − mean) / sqrt(var + eps)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float = 1e-6
+
+    def _stats_like(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tuple(x.shape[-3:]) != tuple(self.mean.shape):
+            raise ValueError(f"latents of shape {tuple(x.shape)} do not end in the stats shape {tuple(self.mean.shape)}")
+        return self.mean.to(x.device, x.dtype), torch.sqrt(self.var.to(x.device, x.dtype) + self.eps)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats_like(x)
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats_like(x)
+        return x * std + mean
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        meta = {"eps": repr(float(self.eps))}
+        meta.update(metadata or {})
+        with atomic_path(path) as tmp:
+            save_file({"mean": self.mean.float().contiguous(), "var": self.var.float().contiguous()}, str(tmp),
+                      metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatentStats:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"latent stats not found: {path} (run the latent_stats stage)")
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            if not {"mean", "var"} <= keys:
+                raise KeyError(f"{path}: expected tensors 'mean' and 'var', found {sorted(keys)}")
+            meta = f.metadata() or {}
+            mean, var = f.get_tensor("mean"), f.get_tensor("var")
+        return cls(mean, var, float(meta.get("eps", 1e-6)))
+
+
+class RunningMoments:
+    """Streaming per-element mean and M2 (sum of squared deviations) in float64."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.n = 0
+        self.mean = np.zeros(shape, np.float64)
+        self.m2 = np.zeros(shape, np.float64)
+
+    def update(self, batch: np.ndarray) -> None:
+        x = np.asarray(batch, dtype=np.float64)
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        mb = x.mean(axis=0)
+        m2b = ((x - mb) ** 2).sum(axis=0)
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean += delta * (nb / n)
+        self.m2 += m2b + delta**2 * (self.n * nb / n)
+        self.n = n
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.m2 / max(self.n, 1)
+
+
+def compute_latent_stats(store, batch_rows: int = 1024, progress: bool = False, eps: float = 1e-6) -> LatentStats:
+    """Mean and variance of ``store``'s ``spatial`` array per (c, h, w), over all rows (flipped ones included)."""
+    moments = RunningMoments(store.spatial_shape)
+    batches = store.iter_batches(["spatial"], batch_rows)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=-(-store.num_rows // batch_rows), desc="latent stats", unit="batch")
+    for _, b in batches:
+        moments.update(b["spatial"])
+    return LatentStats(torch.from_numpy(moments.mean.astype(np.float32)),
+                       torch.from_numpy(moments.var.astype(np.float32)), eps)

@@ -1,0 +1,46 @@
+"""latent_stats: per-position mean and variance of a complete latent store's spatial latents (RAE-style:
+over all rows, flipped copies included, separately for every (c, h, w)), accumulated in float64 in one
+streaming pass, saved as float32 `mean` and `var` [C, H, W] in a safetensors file that
+`sourceflow.store.stats.LatentStats.load` reads (normalize = (x - mean) / sqrt(var + eps)).
+
+Refuses a store that is not marked complete (a killed or running extraction).
+
+Example:
+  python stages/latent_stats.py --store results/digits/pixels/latents.zarr \\
+      --out results/digits/pixels/latent_stats.safetensors
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sourceflow import cli  # noqa: E402
+
+
+def main() -> None:
+    p = cli.parser(__doc__)
+    p.add_argument("--store", required=True, help="latent store (latents.zarr) written by extract_latents")
+    p.add_argument("--out", required=True, help="output .safetensors with mean and var [C, H, W]")
+    p.add_argument("--batch-rows", type=int, default=1024, help="rows read and accumulated at a time")
+    p.add_argument("--eps", type=float, default=1e-6, help="eps stored with the stats: x / sqrt(var + eps)")
+    cli.add_common(p)
+    a = p.parse_args()
+    cli.set_threads(a.threads)
+
+    from sourceflow.store.latents import LatentStore
+    from sourceflow.store.stats import compute_latent_stats
+
+    store = LatentStore.open(a.store)
+    stats = compute_latent_stats(store, a.batch_rows, progress=True, eps=a.eps)
+    meta = {k: str(store.attrs.get(k)) for k in ("encoder", "weights", "resolution", "manifest_hash", "split", "flips")}
+    meta["num_rows"] = str(store.num_rows)
+    stats.save(a.out, metadata=meta)
+    print(f"wrote {a.out}: mean/var {tuple(stats.mean.shape)} over {store.num_rows} rows; "
+          f"mean |mean| {stats.mean.abs().mean():.4g}, mean var {stats.var.mean():.4g}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
