@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--source", required=True, choices=["digits", "imagefolder"], help="where the images come from")
     p.add_argument("--root", default=None,
                    help="imagefolder: the class-folder tree (required); digits: where the PNGs are written "
-                        "(default: images/ beside --out)")
+                        "(when omitted: images/ beside --out)")
     p.add_argument("--test-root", default=None,
                    help="imagefolder: a second class-folder tree holding the test split (same classes); "
                         "replaces --test-fraction")
@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads decoding images (imagefolder)")
     p.add_argument("--captions", default=None,
-                   help="digits: where the generated caption JSONL goes (default: captions.jsonl beside --out)")
+                   help="digits: where the generated caption JSONL goes (when omitted: captions.jsonl beside --out)")
     p.add_argument("--out", required=True, help="output manifest.parquet (manifest.json and skipped.csv beside it)")
     cli.add_common(p)
     a = p.parse_args()

@@ -215,6 +215,9 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, d.target.astype(np.int64)
 
 
+DIGITS_MARKER = ".sourceflow-digits"
+
+
 def digits_path(i: int, label: int) -> str:
     return f"{label}/{i:04d}.png"
 
@@ -223,13 +226,17 @@ def write_digits_images(root: str | Path) -> tuple[list[str], np.ndarray]:
     """Write the digits once as grayscale PNGs ``root/{label}/{i:04d}.png`` (i = sklearn order).
 
     The folder is written beside ``root`` and swapped in whole, so a killed run leaves no partial tree.
-    Returns the relative paths and labels in sklearn order.
+    A marker file ``DIGITS_MARKER`` identifies the tree; an existing non-empty ``root`` without it is
+    never replaced (it is someone else's folder). Returns the relative paths and labels in sklearn order.
     """
     from PIL import Image
 
     from sourceflow.io import replace_dir
 
     root = Path(root)
+    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / DIGITS_MARKER).is_file())):
+        raise ValueError(f"{root} exists and was not written by prepare_data --source digits; refusing to replace "
+                         "it (choose another --root)")
     images, labels = digits_arrays()
     paths = [digits_path(i, int(y)) for i, y in enumerate(labels)]
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +246,7 @@ def write_digits_images(root: str | Path) -> tuple[list[str], np.ndarray]:
             (tmp / str(d)).mkdir()
         for img, p in zip(images, paths, strict=True):
             Image.fromarray(img).save(tmp / p)
+        (tmp / DIGITS_MARKER).write_text("written by stages/prepare_data.py --source digits\n")
         replace_dir(tmp, root)
     finally:
         if tmp.exists():

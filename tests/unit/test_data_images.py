@@ -251,3 +251,9 @@ def test_prepare_digits_end_to_end(tmp_path):
     h = mf.manifest_hash(out)
     assert run_stage("--source", "digits", "--test-fraction", "0.15", "--seed", "2", "--out", str(out)).returncode == 0
     assert mf.manifest_hash(out) == h
+    # a foreign folder is never replaced by the digits writer
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    res = run_stage("--source", "digits", "--root", str(tmp_path / "mine"), "--out", str(out))
+    assert res.returncode == 2 and "refusing to replace" in res.stderr
+    assert (tmp_path / "mine" / "keep.txt").is_file()
