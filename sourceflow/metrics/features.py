@@ -1,0 +1,192 @@
+"""Feature extractors for image metrics: clean-fid's Inception (FID at ImageNet scale) and our small
+feature network (digits-size images), behind one interface that takes uint8 images [B, H, W, 3].
+
+Inception follows clean-fid's "clean" mode exactly: each uint8 image is resized to 299×299 per channel
+in float with PIL bicubic (``cleanfid.resize.build_resizer("clean")`` = ``make_resizer("PIL", False,
+"bicubic", (299, 299))``, no quantisation after the resize), values stay in [0, 255], and the
+TorchScript network (``inception-2015-12-05.pt``, the TF-FID Inception ported by NVIDIA) is run
+through ``cleanfid.inception_torchscript.InceptionV3W``'s forward ((x − 128) / 128, ``layers``, 2048-d
+pool3 features). The weights file is never downloaded here: it is read from a configured path.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from sourceflow.data.manifest import Manifest
+
+INCEPTION_FILENAME = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_SIZE = 299
+INCEPTION_DIM = 2048
+
+
+@dataclass
+class FeatureBatch:
+    features: np.ndarray          # float32 [B, F]
+    labels: np.ndarray | None     # int64 [B] predicted classes (feature network), None for Inception
+
+
+class FeatureExtractor(Protocol):
+    name: str
+    dim: int
+    num_classes: int              # 0 when the extractor does not classify
+
+    def __call__(self, images_uint8: np.ndarray) -> FeatureBatch: ...
+
+
+def _check_uint8_nhwc(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {images.shape}")
+    return images
+
+
+# --- Inception (clean-fid) ------------------------------------------------------------------------------
+
+
+def clean_resize(images_uint8: np.ndarray, workers: int = 1) -> torch.Tensor:
+    """clean-fid's "clean" preprocessing: uint8 [B, H, W, 3] → float32 [B, 3, 299, 299] in [0, 255].
+
+    ``workers`` > 1 resizes on a thread pool (PIL releases the GIL while resampling).
+    """
+    from cleanfid.resize import build_resizer
+
+    images = _check_uint8_nhwc(images_uint8)
+    fn = build_resizer("clean")
+    if workers > 1 and len(images) > 1:
+        from multiprocessing.pool import ThreadPool
+
+        with ThreadPool(workers) as pool:
+            resized = pool.map(fn, list(images))
+    else:
+        resized = [fn(img) for img in images]
+    out = np.stack(resized).astype(np.float32, copy=False)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _inception_class():
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    class InceptionFile(InceptionV3W):
+        """clean-fid's wrapper around a TorchScript file given by its full path (any file name), loaded
+        onto ``device`` without any download; ``forward`` is clean-fid's own."""
+
+        def __init__(self, path: Path, device: torch.device):
+            torch.nn.Module.__init__(self)
+            self.base = torch.jit.load(str(path), map_location=device).eval()
+            self.layers = self.base.layers
+            self.resize_inside = False
+
+    return InceptionFile
+
+
+def resolve_inception_path(path: str | Path) -> Path:
+    """The Inception TorchScript file: ``path`` itself, or ``path/inception-2015-12-05.pt`` for a folder."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / INCEPTION_FILENAME
+    if not p.is_file():
+        raise FileNotFoundError(f"Inception weights not found: {p} (download {INCEPTION_URL} and put it there, "
+                                "or set reference.inception_path)")
+    return p
+
+
+class InceptionFeatures:
+    """2048-d pool features of clean-fid's Inception for uint8 images of any size."""
+
+    name = "inception"
+    dim = INCEPTION_DIM
+    num_classes = 0
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", workers: int = 1):
+        self.path = resolve_inception_path(path)
+        self.device = torch.device(device)
+        self.workers = workers
+        try:
+            self.model = _inception_class()(self.path, self.device)
+        except RuntimeError as e:  # torch.jit.load on a file that is not TorchScript
+            raise ValueError(f"{self.path}: not a TorchScript Inception file ({str(e).splitlines()[0]})") from None
+
+    @torch.no_grad()
+    def __call__(self, images_uint8: np.ndarray) -> FeatureBatch:
+        x = clean_resize(images_uint8, self.workers).to(self.device)
+        feats = self.model(x)
+        return FeatureBatch(feats.float().cpu().numpy(), None)
+
+
+# --- the feature network ---------------------------------------------------------------------------------
+
+
+class FeatureNetFeatures:
+    """Penultimate activations and predicted classes of a trained :class:`FeatureNet`."""
+
+    name = "feature-net"
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
+        from sourceflow.models.feature_net import load_feature_net
+
+        self.path = Path(path)
+        self.device = torch.device(device)
+        self.net = load_feature_net(path, self.device)
+        self.dim = self.net.config.feature_dim
+        self.num_classes = self.net.config.num_classes
+        self.resolution = self.net.config.resolution
+
+    @torch.no_grad()
+    def __call__(self, images_uint8: np.ndarray) -> FeatureBatch:
+        from sourceflow.data.images import to_model_range
+
+        x = to_model_range(_check_uint8_nhwc(images_uint8)).to(self.device)
+        feats = self.net.features(x)
+        labels = self.net.head(feats).argmax(1)
+        return FeatureBatch(feats.float().cpu().numpy(), labels.cpu().numpy().astype(np.int64))
+
+
+def load_feature_extractor(kind: str, path: str | Path, device: str | torch.device = "cpu",
+                           workers: int = 1) -> FeatureExtractor:
+    """``kind`` "inception" (clean-fid TorchScript file) or "feature-net" (train_feature_net's safetensors);
+    ``workers`` threads resize images for Inception."""
+    if kind == "inception":
+        return InceptionFeatures(path, device, workers)
+    if kind == "feature-net":
+        return FeatureNetFeatures(path, device)
+    raise ValueError(f"unknown feature extractor {kind!r} (choose inception or feature-net)")
+
+
+# --- reading a manifest's images in batches -------------------------------------------------------------
+
+
+def iter_image_batches(manifest: Manifest, resolution: int, batch_size: int, workers: int = 1,
+                       desc: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, uint8 [B, R, R, 3]) over the manifest's rows in order, decoded by a thread pool
+    (Pillow releases the GIL), with a tqdm bar on stderr when ``desc`` is given."""
+    from multiprocessing.pool import ThreadPool
+
+    from tqdm import tqdm
+
+    from sourceflow.data.images import load_image
+
+    n = len(manifest.frame)
+    paths = [manifest.abspath(i) for i in range(n)]
+    bar = tqdm(total=n, desc=desc, unit="img", file=sys.stderr, mininterval=1.0, disable=desc is None)
+    with ThreadPool(max(1, workers)) as pool, bar:
+        for start in range(0, n, batch_size):
+            chunk = paths[start:start + batch_size]
+            images = pool.map(lambda p: load_image(p, resolution), chunk) if workers > 1 else \
+                [load_image(p, resolution) for p in chunk]
+            bar.update(len(chunk))
+            yield start, np.stack(images)
+
+
+def load_images(manifest: Manifest, resolution: int, workers: int = 1, desc: str | None = None) -> np.ndarray:
+    """All of a (small) manifest's images as uint8 [N, R, R, 3]."""
+    return np.concatenate([b for _, b in iter_image_batches(manifest, resolution, 1024, workers, desc)])
