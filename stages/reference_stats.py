@@ -1,12 +1,30 @@
 """reference_stats: what a perfect generator would score, as the reference for every metric.
 
-For 2-D toy data: the exact W2² (POT emd2) between the first N training points and the first N
+Three modes (exactly one of --data, --manifest, --adm-npz):
+
+--data (2-D toy data): the exact W2² (POT emd2) between the first N training points and the first N
 held-out test points, two independent draws of the data distribution: the floor of the W2² the
-evaluate stage reports at the same N (finite-sample W2 is not 0 even for a perfect model).
+evaluate stage reports at the same N (finite-sample W2 is not 0 even for a perfect model). Writes JSON.
+
+--manifest (images): features of every image of one split (ADM centre crop to --resolution), from the
+feature network (--features feature-net --feature-net WEIGHTS) or clean-fid's Inception (--features
+inception --inception FILE, "clean" bicubic resize to 299, 2048-d pool features). Writes an npz with
+the ADM keys mu (float64 [F]) and sigma (float64 [F, F], unbiased N−1 covariance), plus features
+(float32 [N, F], for precision/recall), label_hist (float64 [classes], fraction of images per true
+label, when the manifest has labels) and, for the feature network, pred_label_hist (the same for its
+predicted labels, the classifier's own view of real data).
+
+--adm-npz (an existing ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz): check that it holds
+mu and sigma of matching shapes and finite values, and write them (float64) in our format.
 
 Example:
   python stages/reference_stats.py --data results/moons/toy.safetensors --num-points 5000 \\
       --out results/moons/reference/points_w2.json
+  python stages/reference_stats.py --manifest results/digits/manifest.parquet --split train --resolution 8 \\
+      --features feature-net --feature-net results/digits/feature_net/model.safetensors \\
+      --out results/digits/reference/feature-net.npz
+  python stages/reference_stats.py --adm-npz /data/VIRTUAL_imagenet256_labeled.npz \\
+      --out results/imagenet/reference/adm.npz
 """
 
 from __future__ import annotations
@@ -19,13 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sourceflow import cli  # noqa: E402
 
 
-def main() -> None:
-    p = cli.parser(__doc__)
-    p.add_argument("--data", required=True, help="toy data .safetensors (train and test splits)")
-    p.add_argument("--num-points", type=int, default=5000, help="points from each split (use evaluate.num_points)")
-    p.add_argument("--out", required=True, help="output .json")
-    a = p.parse_args()
-
+def toy_mode(a) -> None:
     import numpy as np
 
     from sourceflow.build import load_points
@@ -37,6 +49,101 @@ def main() -> None:
     w2sq = w2_squared(train[:n], test[:n])
     write_json(a.out, {"w2sq": w2sq, "w2": float(np.sqrt(w2sq)), "num_points": n})
     print(f"data floor at {n} points: W2² {w2sq:.4f}")
+
+
+def adm_mode(a) -> None:
+    from sourceflow.metrics.frechet import read_reference_npz, save_reference_npz
+
+    arrays = read_reference_npz(a.adm_npz)
+    extra = {k: v for k, v in arrays.items() if k in ("mu_s", "sigma_s")}
+    save_reference_npz(a.out, arrays["mu"], arrays["sigma"], **extra)
+    print(f"wrote {a.out}: ADM reference {a.adm_npz}, {arrays['mu'].shape[0]}-d")
+
+
+def image_mode(a) -> None:
+    import time
+
+    import numpy as np
+    import torch
+
+    from sourceflow.data.manifest import read_manifest
+    from sourceflow.metrics.features import iter_image_batches, load_feature_extractor
+    from sourceflow.metrics.frechet import FeatureStats, save_reference_npz
+    from sourceflow.metrics.prdc import label_histogram
+
+    if a.features is None:
+        raise ValueError("--manifest needs --features (feature-net or inception)")
+    weights = a.feature_net if a.features == "feature-net" else a.inception
+    if not weights:
+        raise ValueError(f"--features {a.features} needs --{a.features}")
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {a.batch_size}")
+    t0 = time.perf_counter()
+    m = read_manifest(a.manifest).split(a.split)
+    res = a.resolution or int(m.meta.get("resolution", 0))
+    if res < 1:
+        raise ValueError("--resolution is needed (the manifest records none)")
+    if a.max_images:
+        m.frame = m.frame.iloc[:a.max_images].reset_index(drop=True)
+    extractor = load_feature_extractor(a.features, weights, a.device, workers=a.workers)
+    if a.features == "feature-net" and extractor.resolution != res:
+        print(f"warning: the feature network was trained at resolution {extractor.resolution}, "
+              f"images are read at {res}", file=sys.stderr)
+
+    n = len(m.frame)
+    stats = FeatureStats(extractor.dim, device="cpu")
+    feats = np.empty((n, extractor.dim), dtype=np.float32)
+    preds = np.empty(n, dtype=np.int64) if extractor.num_classes else None
+    for start, images in iter_image_batches(m, res, a.batch_size, a.workers, desc=f"{a.features} features"):
+        out = extractor(images)
+        feats[start:start + len(images)] = out.features
+        stats.update(torch.from_numpy(out.features))
+        if preds is not None:
+            preds[start:start + len(images)] = out.labels
+    extra = {}
+    labels = m.frame["label"].to_numpy()
+    num_classes = m.num_classes or (int(labels.max()) + 1 if (labels >= 0).any() else 0)
+    label_hist = label_histogram(labels, num_classes) if (labels >= 0).any() else None
+    if preds is not None:
+        extra["pred_label_hist"] = label_histogram(preds, extractor.num_classes)
+    save_reference_npz(a.out, stats.mu, stats.sigma, features=feats, label_hist=label_hist, **extra)
+    msg = f"wrote {a.out}: {a.features} features of {n} {a.split} images at {res}px, {extractor.dim}-d"
+    if preds is not None and label_hist is not None:
+        msg += f", feature-net accuracy on them {float(np.mean(preds[labels >= 0] == labels[labels >= 0])):.4f}"
+    print(msg + f", {time.perf_counter() - t0:.1f} s")
+
+
+def main() -> None:
+    p = cli.parser(__doc__)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--data", help="toy mode: toy data .safetensors (train and test splits)")
+    mode.add_argument("--manifest", help="image mode: manifest.parquet of the dataset")
+    mode.add_argument("--adm-npz", help="ADM mode: an existing ADM reference batch (.npz with mu, sigma)")
+    p.add_argument("--num-points", type=int, default=5000, help="toy mode: points from each split (use evaluate.num_points)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="image mode: split whose images are the reference")
+    p.add_argument("--resolution", type=int, default=None, help="image mode: image side R (default: the manifest's resolution)")
+    p.add_argument("--features", default=None, choices=["feature-net", "inception"], help="image mode: feature extractor")
+    p.add_argument("--feature-net", default=None, help="image mode: feature network .safetensors (train_feature_net)")
+    p.add_argument("--inception", default=None,
+                   help="image mode: clean-fid's inception-2015-12-05.pt (a file, or the folder holding it)")
+    p.add_argument("--batch-size", type=int, default=256, help="image mode: images per forward pass")
+    p.add_argument("--max-images", type=int, default=0, help="image mode: use only the first N images of the split (0: all)")
+    p.add_argument("--workers", type=int, default=4, help="image mode: threads decoding and resizing images")
+    p.add_argument("--device", default="cpu", help="image mode: torch device of the feature extractor (cpu, cuda)")
+    p.add_argument("--out", required=True, help="output: .json (toy mode) or .npz (image and ADM modes)")
+    cli.add_common(p)
+    a = p.parse_args()
+
+    if a.data:
+        toy_mode(a)
+        return
+    if Path(a.out).suffix != ".npz":
+        raise ValueError(f"--out must be an .npz file in image and ADM modes, got {a.out}")
+    cli.set_threads(a.threads)
+    if a.adm_npz:
+        adm_mode(a)
+    else:
+        image_mode(a)
 
 
 if __name__ == "__main__":
