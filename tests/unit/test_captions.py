@@ -253,7 +253,9 @@ def test_text_encoder_missing_weights(tmp_path):
         load_text_encoder("t5")
 
 
+@pytest.mark.slow
 def test_embed_stage_end_to_end(tmp_path, minilm):
+    """align + embed as subprocesses on 24 captions with the real MiniLM weights (12 s idle, ~30 s loaded)."""
     import zarr
 
     man = make_manifest(tmp_path, 24)
