@@ -131,20 +131,20 @@ class ViTEncoder(EncoderModule):
         return h[:, 0], h[:, 1:]
 
 
-def model_class(name: str, model_type: str):
+def model_class(model_type: str):
     """The transformers class to load for ``model_type``, and whether its vision tower is ``.vision_model``."""
-    import transformers as tf
+    import transformers
 
-    table = {
-        "dinov2_with_registers": (tf.Dinov2WithRegistersModel, False),
-        "dinov2": (tf.Dinov2Model, False),
-        "siglip2": (tf.Siglip2Model, True),
-        "siglip2_vision_model": (tf.Siglip2VisionModel, False),
-        "siglip": (tf.SiglipModel, True),
-        "siglip_vision_model": (tf.SiglipVisionModel, False),
-        "vit_mae": (tf.ViTMAEModel, False),
-    }
-    return table[model_type]
+    name, tower = {
+        "dinov2_with_registers": ("Dinov2WithRegistersModel", False),
+        "dinov2": ("Dinov2Model", False),
+        "siglip2": ("Siglip2Model", True),
+        "siglip2_vision_model": ("Siglip2VisionModel", False),
+        "siglip": ("SiglipModel", True),
+        "siglip_vision_model": ("SiglipVisionModel", False),
+        "vit_mae": ("ViTMAEModel", False),
+    }[model_type]
+    return getattr(transformers, name), tower  # only this model's module gets imported
 
 
 def load_vit(name: str, weights: str | None, resolution: int, input_size: int | None = None) -> ViTEncoder:
@@ -157,7 +157,7 @@ def load_vit(name: str, weights: str | None, resolution: int, input_size: int | 
     if cfg.model_type not in ACCEPTED_TYPES[name]:
         raise ValueError(f"{source}: model_type {cfg.model_type!r} is not a {name} model "
                          f"(expected one of {', '.join(ACCEPTED_TYPES[name])})")
-    cls, tower = model_class(name, cfg.model_type)
+    cls, tower = model_class(cfg.model_type)
     kwargs: dict = {"dtype": torch.float32}
     if name == "mae":
         kwargs["mask_ratio"] = 0.0

@@ -1,0 +1,225 @@
+"""Latent store: write/read round trip, shard-aligned batches, refusal of incomplete stores, the
+extract_latents stage (rows vs direct image loading, kill-and-resume byte-identical, changed settings)
+and latent_stats vs numpy."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sourceflow.store.latents import LatentStore, LatentWriter, expected_index_flip
+from sourceflow.store.stats import LatentStats, compute_latent_stats
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_dataset(root: Path, n: int = 50, size: int = 20) -> Path:
+    """n random PNGs (a few non-square), every 5th in the test split; returns manifest.parquet."""
+    from PIL import Image
+
+    from sourceflow.data.manifest import write_manifest
+
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        img = rng.integers(0, 256, (size, size + 3 * (i % 3), 3), dtype=np.uint8)
+        Image.fromarray(img).save(root / "img" / f"{i:03d}.png")
+        rows.append((i, f"img/{i:03d}.png", i % 3, "test" if i % 5 == 0 else "train"))
+    frame = pd.DataFrame(rows, columns=["index", "path", "label", "split"])
+    write_manifest(root / "manifest.parquet", frame, {"source": "synthetic", "root": str(root), "num_classes": 3})
+    return root / "manifest.parquet"
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def run_stage(name: str, *args: str) -> None:
+    """Run a stage in this process (no interpreter start-up); errors surface as SystemExit(2)."""
+    argv = sys.argv
+    sys.argv = [name, *map(str, args)]
+    try:
+        runpy.run_path(str(ROOT / "stages" / f"{name}.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+def files(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def random_store(path: Path, num_images: int = 37, flips: bool = False, shard_rows: int = 8,
+                 order=None, write=None) -> tuple[LatentWriter, dict[str, np.ndarray]]:
+    """A store of random rows written through LatentWriter; returns the writer and the full arrays."""
+    rng = np.random.default_rng(1)
+    LatentWriter.create(path, {"encoder": "test", "weights": None, "encoder_options": {}, "resolution": 4,
+                               "manifest_hash": "0" * 16, "split": "train"}, cls_dim=5, spatial_shape=(3, 2, 4),
+                        num_images=num_images, flips=flips, shard_rows=shard_rows)
+    w = LatentWriter(path)
+    index, flip = expected_index_flip(np.arange(num_images) * 2, flips)
+    data = {"cls": rng.normal(size=(len(index), 5)).astype(np.float32),
+            "spatial": (3 + 2 * rng.normal(size=(len(index), 3, 2, 4))).astype(np.float32),
+            "index": index, "flip": flip}
+    for s in (order if order is not None else range(w.num_shards)):
+        if write is None or s in write:
+            a, b = w.shard_range(s)
+            w.write_shard(s, {k: v[a:b] for k, v in data.items()})
+    return w, data
+
+
+def test_round_trip_and_batches(tmp_path):
+    path = tmp_path / "s.zarr"
+    w, data = random_store(path, flips=True, order=range(9, -1, -1))  # 74 rows, last shard partial
+    assert w.num_shards == 10 and w.pending_shards() == []
+    assert w.verify(data["index"], data["flip"]) == []
+    w.mark_complete()
+    assert not (path / "_done").exists()
+    st = LatentStore.open(path)
+    assert (st.num_rows, st.num_images, st.cls_dim, st.spatial_shape) == (74, 37, 5, (3, 2, 4))
+    for k, v in data.items():
+        assert np.array_equal(st.read(k), v)
+        assert np.array_equal(st.read(k, 5, 21), v[5:21])
+    assert st.read("flip")[37:].all() and np.array_equal(st.read("index")[37:], st.read("index")[:37])
+    for batch_rows, start, stop in [(3, 0, None), (8, 0, None), (13, 5, 70), (100, 0, None), (1, 70, 74)]:
+        got = list(st.iter_batches(["cls", "spatial", "index"], batch_rows, start, stop))
+        end = stop or 74
+        assert [f for f, _ in got] == list(range(start, end, batch_rows))
+        assert all(len(b["cls"]) == batch_rows for _, b in got[:-1])
+        for k in ("cls", "spatial", "index"):
+            assert np.array_equal(np.concatenate([b[k] for _, b in got]), data[k][start:end])
+    with pytest.raises(ValueError, match="out of range"):
+        st.read("cls", 0, 75)
+
+
+def test_incomplete_store_refused(tmp_path):
+    path = tmp_path / "s.zarr"
+    w, data = random_store(path, write={0, 2, 4})
+    with pytest.raises(ValueError, match=r"s.zarr: latent store is incomplete \(3 of 5 shards"):
+        LatentStore.open(path)
+    st = LatentStore.open(path, require_complete=False)
+    assert np.array_equal(st.read("cls", 0, 8), data["cls"][:8])
+    assert w.pending_shards() == [1, 3]
+    assert "2 of 5 shards not written" in w.verify(data["index"], data["flip"])[0]
+    for s in (1, 3):
+        a, b = w.shard_range(s)
+        w.write_shard(s, {k: v[a:b] for k, v in data.items()})
+    assert w.verify(data["index"], data["flip"]) == []
+    f = w.shard_files(3)["spatial"]
+    f.write_bytes(f.read_bytes()[:-10])  # truncated after its marker was written
+    assert "has" in w.verify(data["index"], data["flip"])[0]
+    bad = data["index"].copy()
+    bad[3] += 1
+    w.write_shard(3, {k: v[24:32] for k, v in data.items()})
+    assert w.verify(bad, data["flip"]) == ["the index column does not match the manifest rows"]
+    with pytest.raises(FileNotFoundError, match="latent store not found"):
+        LatentStore.open(tmp_path / "missing.zarr")
+
+
+def test_stage_rows_match_direct_loading(manifest, tmp_path):
+    from sourceflow.data.images import load_image, to_model_range
+    from sourceflow.data.manifest import read_manifest
+
+    out = tmp_path / "pixels" / "latents.zarr"
+    run_stage("extract_latents", "--manifest", manifest, "--encoder", "pixels", "--resolution", 16, "--pool", 4,
+              "--flips", "--batch-size", 3, "--shard-rows", 8, "--out", out)
+    st = LatentStore.open(out)
+    m = read_manifest(manifest).split("train")
+    assert (st.num_images, st.num_rows, st.cls_dim) == (40, 80, 48)
+    imgs = to_model_range(np.stack([load_image(m.abspath(i), 16) for i in range(40)]))
+    spatial = st.read("spatial")
+    assert np.array_equal(spatial[:40], imgs.numpy())
+    assert np.array_equal(spatial[40:], imgs.flip(-1).numpy())
+    pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(spatial), 4).reshape(80, -1).numpy()
+    np.testing.assert_allclose(st.read("cls"), pooled, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(st.read("index"), np.tile(m.frame["index"].to_numpy(), 2))
+    assert st.attrs["manifest_hash"] and st.attrs["encoder"] == "pixels" and st.attrs["complete"] is True
+    rep = json.loads((out.parent / "latents.json").read_text())
+    assert rep["rows"] == 80 and rep["rows_this_run"] == 80 and 0 <= rep["write_share"] <= 1
+
+
+def test_kill_and_resume_byte_identical(manifest, tmp_path, env):
+    args = ["--manifest", manifest, "--encoder", "pixels", "--resolution", 12, "--flips", "--batch-size", 3,
+            "--shard-rows", 8]
+    ref = tmp_path / "ref.zarr"
+    run_stage("extract_latents", *args, "--out", ref)
+    out = tmp_path / "killed.zarr"
+    r = subprocess.run([sys.executable, str(ROOT / "stages" / "extract_latents.py"), *map(str, args), "--out",
+                        str(out), "--stop-after-shards", "3"], env=env, capture_output=True, text=True)
+    assert r.returncode == 17, r.stderr
+    w = LatentWriter(out)
+    assert w.pending_shards() == list(range(3, 10))
+    with pytest.raises(ValueError, match="incomplete"):
+        LatentStore.open(out)
+    # what a kill in the middle of shard 3 can leave: a truncated shard file and a Zarr temp file
+    for f in w.shard_files(3).values():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"\x00garbage")
+    tmp = w.shard_files(4)["spatial"].parent / "0.1234.partial"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(b"half")
+    run_stage("extract_latents", *args, "--out", out)
+    assert files(out) == files(ref)
+    assert json.loads(out.with_suffix(".json").read_text())["shards_resumed"] == 3
+    run_stage("extract_latents", *args, "--out", out)  # complete: nothing to do
+    assert files(out) == files(ref)
+
+
+def test_changed_settings_refused_or_overwritten(manifest, tmp_path, capsys):
+    base = ["--manifest", manifest, "--encoder", "pixels", "--no-flips", "--shard-rows", 16]
+    out = tmp_path / "s.zarr"
+    run_stage("extract_latents", *base, "--resolution", 8, "--out", out)
+    with pytest.raises(SystemExit) as e:
+        run_stage("extract_latents", *base, "--resolution", 12, "--out", out)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "resolution: stored 8, now 12" in err and "--overwrite" in err
+    run_stage("extract_latents", *base, "--resolution", 12, "--overwrite", "--out", out)
+    assert LatentStore.open(out).spatial_shape == (3, 12, 12)
+
+
+def test_latent_stats_match_numpy(tmp_path, capsys):
+    path = tmp_path / "s.zarr"
+    w, data = random_store(path, num_images=45, flips=True, shard_rows=8)
+    out = tmp_path / "latent_stats.safetensors"
+    with pytest.raises(SystemExit):  # not marked complete yet
+        run_stage("latent_stats", "--store", path, "--out", out)
+    assert "incomplete" in capsys.readouterr().err and not out.exists()
+    w.mark_complete()
+    run_stage("latent_stats", "--store", path, "--out", out, "--batch-rows", 7)
+    st = LatentStats.load(out)
+    x = data["spatial"].astype(np.float64)
+    np.testing.assert_allclose(st.mean.numpy(), x.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(st.var.numpy(), x.var(0), rtol=1e-6)
+    assert st.mean.dtype == torch.float32 and st.mean.shape == (3, 2, 4) and st.eps == 1e-6
+    direct = compute_latent_stats(LatentStore.open(path), batch_rows=1000)
+    torch.testing.assert_close(direct.var, st.var)
+    z = st.normalize(torch.from_numpy(data["spatial"]))
+    zz = z.double().numpy()
+    np.testing.assert_allclose(zz.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(zz.var(0), 1, atol=1e-4)
+    torch.testing.assert_close(st.denormalize(z), torch.from_numpy(data["spatial"]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not end in the stats shape"):
+        st.normalize(torch.zeros(2, 3, 4, 2))
+
+
+def test_running_moments_merge_is_exact_for_offset_data():
+    """Large offset, small spread: naive E[x²] − E[x]² in float32 would lose the variance."""
+    from sourceflow.store.stats import RunningMoments
+
+    rng = np.random.default_rng(0)
+    x = (1e4 + 1e-2 * rng.normal(size=(1000, 3))).astype(np.float32)
+    m = RunningMoments((3,))
+    for i in range(0, 1000, 37):
+        m.update(x[i:i + 37])
+    np.testing.assert_allclose(m.var, x.astype(np.float64).var(0), rtol=1e-9)
+    np.testing.assert_allclose(m.mean, x.astype(np.float64).mean(0), rtol=1e-12)
