@@ -13,7 +13,9 @@ STAGES = sorted(p.stem for p in (ROOT / "stages").glob("*.py"))
 
 
 def test_all_stages_present():
-    assert STAGES == ["evaluate", "fit_cls_gmm", "make_toy_data", "reference_stats", "report", "sample", "train"]
+    assert STAGES == ["align_captions", "build_spatial_gmm", "embed_captions", "evaluate", "extract_latents",
+                      "fit_cls_gmm", "latent_stats", "make_toy_data", "prepare_data", "reference_stats", "report",
+                      "sample", "train", "train_feature_net"]
 
 
 @pytest.mark.parametrize("stage", STAGES)

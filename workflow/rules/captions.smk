@@ -22,7 +22,7 @@ rule align_captions:
     shell:
         "python stages/align_captions.py --manifest {input.manifest} --captions {params.captions} "
         "--path-field {params.cap[path_field]} --caption-field {params.cap[caption_field]} "
-        "--strip-prefix '{params.cap[strip_prefix]}' --min-match-fraction {params.cap[min_match_fraction]} "
+        "--prefix '{params.cap[strip_prefix]}' --split train --min-match-fraction {params.cap[min_match_fraction]} "
         "--out {output.aligned} > {log} 2>&1"
 
 
@@ -34,7 +34,7 @@ rule embed_captions:
         directory(f"{R}/{{dataset}}/captions/{{text_encoder}}.zarr"),
     params:
         te=text_encoder_spec,
-        weights=lambda wc: f"--weights {text_encoder_spec(wc)['weights']}" if text_encoder_spec(wc)["weights"] else "",
+        weights=lambda wc: f"--text-weights {text_encoder_spec(wc)['weights']}" if text_encoder_spec(wc)["weights"] else "",
         device=lambda wc, resources: "cuda" if resources.gpu else "cpu",
     log:
         f"{R}/logs/{{dataset}}/embed_captions_{{text_encoder}}.log",
@@ -47,6 +47,6 @@ rule embed_captions:
         mem_mb=8000,
         runtime=120,
     shell:
-        "python stages/embed_captions.py --aligned {input.aligned} --manifest {input.manifest} "
+        "python stages/embed_captions.py --aligned {input.aligned} --manifest {input.manifest} --split train "
         "--text-encoder {params.te[kind]} {params.weights} --max-length {params.te[max_length]} "
         "--batch-size {params.te[batch_size]} --device {params.device} --out {output} > {log} 2>&1"

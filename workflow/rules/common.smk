@@ -199,7 +199,7 @@ def prepare_data_args(wc):
     on a machine without the data; the stage stops with the missing path)."""
     ds = dataset(wc)
     if ds["kind"] == "digits":
-        return f"--source digits --root {R}/{wc.dataset}/images --captions-out {R}/{wc.dataset}/captions.jsonl"
+        return f"--source digits --root {R}/{wc.dataset}/images --captions {R}/{wc.dataset}/captions.jsonl"
     args = f"--source imagefolder --root {ds['root']}"
     return args + (f" --test-root {ds['test_root']}" if ds["test_root"] else "")
 

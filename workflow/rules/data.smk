@@ -24,6 +24,7 @@ rule prepare_data:
     output:
         manifest=f"{R}/{{dataset}}/manifest.parquet",
         meta=f"{R}/{{dataset}}/manifest.json",
+        skipped=f"{R}/{{dataset}}/skipped.csv",
     params:
         args=prepare_data_args,
         ds=dataset,
