@@ -81,8 +81,12 @@ def _inception_class():
         onto ``device`` without any download; ``forward`` is clean-fid's own."""
 
         def __init__(self, path: Path, device: torch.device):
+            import warnings
+
             torch.nn.Module.__init__(self)
-            self.base = torch.jit.load(str(path), map_location=device).eval()
+            with warnings.catch_warnings():  # torch ≥ 2.10 deprecates TorchScript; the file is TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.base = torch.jit.load(str(path), map_location=device).eval()
             self.layers = self.base.layers
             self.resize_inside = False
 
