@@ -121,7 +121,7 @@ def main() -> None:
     mode.add_argument("--adm-npz", help="ADM mode: an existing ADM reference batch (.npz with mu, sigma)")
     p.add_argument("--num-points", type=int, default=5000, help="toy mode: points from each split (use evaluate.num_points)")
     p.add_argument("--split", default="train", choices=["train", "test"], help="image mode: split whose images are the reference")
-    p.add_argument("--resolution", type=int, default=None, help="image mode: image side R (default: the manifest's resolution)")
+    p.add_argument("--resolution", type=int, default=None, help="image mode: image side R (unset: the manifest's resolution)")
     p.add_argument("--features", default=None, choices=["feature-net", "inception"], help="image mode: feature extractor")
     p.add_argument("--feature-net", default=None, help="image mode: feature network .safetensors (train_feature_net)")
     p.add_argument("--inception", default=None,

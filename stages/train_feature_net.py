@@ -7,7 +7,7 @@ Light augmentation: a random shift of up to --shift pixels (edge-padded, random 
 cosine learning-rate decay; seeded and deterministic on CPU for a fixed --threads.
 
 Writes OUT (safetensors weights; the architecture config is JSON in its metadata) and a report JSON
-(default: report.json beside OUT) with held-out accuracy (overall and per class), train accuracy, loss
+(unless --report is given: report.json beside OUT) with held-out accuracy (overall and per class), train accuracy, loss
 per epoch, sizes, timing and the config.
 
 Example:
@@ -28,7 +28,7 @@ from sourceflow import cli  # noqa: E402
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--manifest", required=True, help="manifest.parquet (train split to fit, test split to report)")
-    p.add_argument("--resolution", type=int, default=None, help="image side R (default: the manifest's resolution)")
+    p.add_argument("--resolution", type=int, default=None, help="image side R (unset: the manifest's resolution)")
     p.add_argument("--epochs", type=int, default=30, help="passes over the train split")
     p.add_argument("--batch-size", type=int, default=128, help="images per optimisation step")
     p.add_argument("--lr", type=float, default=0.002, help="peak Adam learning rate (cosine decay to 0)")
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--shift", type=int, default=1, help="augmentation: random shift of up to this many pixels (0: off)")
     p.add_argument("--feature-dim", type=int, default=128, help="width of the penultimate (feature) layer")
     p.add_argument("--workers", type=int, default=4, help="threads decoding images")
-    p.add_argument("--report", default=None, help="report JSON (default: report.json beside --out)")
+    p.add_argument("--report", default=None, help="report JSON (unset: report.json beside --out)")
     p.add_argument("--out", required=True, help="output .safetensors")
     cli.add_common(p)
     a = p.parse_args()
