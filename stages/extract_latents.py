@@ -95,7 +95,7 @@ def main() -> None:
                    help="pixels encoder only: average-pool the image to pool x pool for the CLS descriptor")
     p.add_argument("--input-size", type=int, default=None,
                    help="dinov2/siglip2/mae only: resize images to this side (bicubic) before the model "
-                        "(RAE feeds DINOv2 224 px crops of 256 px images); default: --resolution")
+                        "(RAE resizes its 256 px images to 224 for DINOv2); default: --resolution")
     p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=False,
                    help="also store horizontally flipped copies (rows M..2M-1)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
@@ -134,6 +134,9 @@ def main() -> None:
     device = torch.device(f"cuda:{dist.local_rank}" if a.device == "cuda" else a.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # same kernels for the same batch on every run, so a resumed store stays byte-identical
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
 
     out = Path(a.out)
     report_path = out.with_suffix(".json")
@@ -193,18 +196,18 @@ def main() -> None:
     rows_mine = sum(len(b) for b in batches)
     bar = tqdm(total=rows_mine, desc=f"extract {a.encoder}", unit="img", disable=dist.rank != 0, file=sys.stderr)
     t_start = time.perf_counter()
-    t_load = t_encode = t_write = 0.0
+    t_load = t_encode = 0.0
+    shards_out = ShardWriter(writer, a.stop_after_shards)
     shard = None
     buf: dict[str, np.ndarray] = {}
-    written = 0
-    t0 = time.perf_counter()
     all_index, all_flip = expected_index_flip(image_index, a.flips)
+    t0 = time.perf_counter()
     for images, rows, error in loader:
         t_load += time.perf_counter() - t0
         if error:
             raise BadImageError(error)
         s = int(rows[0]) // a.shard_rows
-        if s != shard:
+        if s != shard:  # a fresh buffer per shard: the previous one may still be being written
             shard = s
             lo, hi = writer.shard_range(s)
             buf = {"cls": np.empty((hi - lo, encoder.cls_dim), np.float32),
@@ -213,29 +216,24 @@ def main() -> None:
         cls, spatial = encoder.encode(to_model_range(images).to(device))
         buf["cls"][rows - lo] = cls.cpu().numpy()
         buf["spatial"][rows - lo] = spatial.cpu().numpy()
-        t2 = time.perf_counter()
-        t_encode += t2 - t1
+        t_encode += time.perf_counter() - t1
         if rows[-1] == hi - 1:
-            writer.write_shard(s, {"cls": buf["cls"], "spatial": buf["spatial"], "index": all_index[lo:hi],
-                                   "flip": all_flip[lo:hi]})
-            t_write += time.perf_counter() - t2
-            written += 1
-            if a.stop_after_shards is not None and written >= a.stop_after_shards:
-                sys.stderr.flush()
-                os._exit(17)  # tests: die like a killed job, no cleanup
+            shards_out.submit(s, {"cls": buf["cls"], "spatial": buf["spatial"], "index": all_index[lo:hi],
+                                  "flip": all_flip[lo:hi]})
         bar.update(len(rows))
         t0 = time.perf_counter()
+    shards_out.close()
     bar.close()
     t_mine = time.perf_counter() - t_start
     dist.barrier()
-    totals = dist.sum([float(rows_mine), t_mine, t_load, t_encode, t_write])
+    totals = dist.sum([float(rows_mine), t_mine, t_load, t_encode, shards_out.busy, shards_out.wait])
     if dist.rank == 0:
         problems = writer.verify(all_index, all_flip)
         if problems:
             raise ValueError(f"{out}: store incomplete after extraction: {'; '.join(problems[:3])}")
         writer.mark_complete()
         wall = time.perf_counter() - t_start
-        rows_done, busy, load_s, encode_s, write_s = totals
+        rows_done, busy, load_s, encode_s, write_s, wait_s = totals
         report = {
             "store": str(out), "encoder": a.encoder, "weights": a.weights, "encoder_options": options,
             "resolution": a.resolution, "split": a.split, "flips": a.flips, "num_images": num_images,
@@ -243,10 +241,13 @@ def main() -> None:
             "shards_resumed": resumed, "processes": dist.world, "device": str(device), "batch_size": a.batch_size,
             "shard_rows": a.shard_rows, "workers": a.workers, "threads": a.threads, "wall_s": round(wall, 3),
             "rows_per_s": round(rows_done / wall, 2) if wall > 0 else None,
-            # shares of the processes' summed busy time (each process: load / encode / write, in sequence)
+            # shares of the processes' summed wall time: waiting for images, encoding (incl. the copy to
+            # host memory), writing shards (in a background thread, overlapping the next shard's encoding)
+            # and waiting for that thread (the part of writing that is not hidden)
             "load_share": round(load_s / busy, 4) if busy else None,
             "encode_share": round(encode_s / busy, 4) if busy else None,
             "write_share": round(write_s / busy, 4) if busy else None,
+            "write_wait_share": round(wait_s / busy, 4) if busy else None,
             "cls_dim": encoder.cls_dim, "spatial_shape": list(encoder.spatial_shape),
         }
         write_json(report_path, report)
@@ -254,9 +255,50 @@ def main() -> None:
         LatentStore.open(out)  # complete and readable
         print(f"wrote {out}: {num_rows} rows ({num_images} images{' + flips' if a.flips else ''}), "
               f"{int(rows_done)} encoded now in {wall:.1f} s = {report['rows_per_s']} rows/s on {dist.world} "
-              f"process(es); time share load {report['load_share']:.1%}, encode {report['encode_share']:.1%}, "
-              f"write {report['write_share']:.1%}")
+              f"process(es); share of time loading {report['load_share']:.1%}, encoding {report['encode_share']:.1%}, "
+              f"writing {report['write_share']:.1%} (waited for writes {report['write_wait_share']:.1%})")
     dist.close()
+
+
+class ShardWriter:
+    """Writes finished shards in one background thread while the next shard is encoded (at most one
+    shard in flight, so memory holds two shard buffers); ``busy`` is the thread's writing time, ``wait``
+    the time the main loop blocked on it."""
+
+    def __init__(self, writer, stop_after: int | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writer = writer
+        self.stop_after = stop_after
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.future = None
+        self.busy = self.wait = 0.0
+        self.written = 0
+
+    def _write(self, s: int, arrays: dict) -> None:
+        t = time.perf_counter()
+        self.writer.write_shard(s, arrays)
+        self.busy += time.perf_counter() - t
+
+    def submit(self, s: int, arrays: dict) -> None:
+        self.drain()
+        self.future = self.pool.submit(self._write, s, arrays)
+
+    def drain(self) -> None:
+        if self.future is None:
+            return
+        t = time.perf_counter()
+        self.future.result()  # re-raises a failed write here
+        self.wait += time.perf_counter() - t
+        self.future = None
+        self.written += 1
+        if self.stop_after is not None and self.written >= self.stop_after:
+            sys.stderr.flush()
+            os._exit(17)  # tests: die like a killed job, no cleanup
+
+    def close(self) -> None:
+        self.drain()
+        self.pool.shutdown()
 
 
 class Dist:
