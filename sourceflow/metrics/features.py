@@ -194,3 +194,20 @@ def iter_image_batches(manifest: Manifest, resolution: int, batch_size: int, wor
 def load_images(manifest: Manifest, resolution: int, workers: int = 1, desc: str | None = None) -> np.ndarray:
     """All of a (small) manifest's images as uint8 [N, R, R, 3]."""
     return np.concatenate([b for _, b in iter_image_batches(manifest, resolution, 1024, workers, desc)])
+
+
+def extract_features(extractor: FeatureExtractor, images_uint8: np.ndarray, batch_size: int = 256,
+                     desc: str | None = None) -> FeatureBatch:
+    """Features (and predicted labels) of an in-memory uint8 [N, H, W, 3] array, e.g. ``arr_0`` of a
+    samples.npz, in batches; a tqdm bar on stderr when ``desc`` is given."""
+    from tqdm import tqdm
+
+    images = _check_uint8_nhwc(images_uint8)
+    feats, labels = [], []
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, file=sys.stderr, mininterval=1.0, disable=desc is None):
+        out = extractor(images[s:s + batch_size])
+        feats.append(out.features)
+        if out.labels is not None:
+            labels.append(out.labels)
+    features = np.concatenate(feats) if feats else np.zeros((0, extractor.dim), np.float32)
+    return FeatureBatch(features, np.concatenate(labels) if labels else None)

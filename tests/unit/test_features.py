@@ -21,6 +21,7 @@ from sourceflow.metrics.features import (
     FeatureNetFeatures,
     InceptionFeatures,
     clean_resize,
+    extract_features,
     load_feature_extractor,
 )
 from sourceflow.metrics.frechet import frechet_distance, load_reference_npz, read_reference_npz
@@ -118,6 +119,9 @@ def test_feature_net_is_resolution_agnostic_and_round_trips(tmp_path):
         logits = net((torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5) - 1)
     np.testing.assert_array_equal(out.labels, logits.argmax(1).numpy())
     assert out.features.shape == (5, 128) and ext.num_classes == 10
+    batched = extract_features(ext, images, batch_size=2)
+    np.testing.assert_allclose(batched.features, out.features, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(batched.labels, out.labels)
 
     with pytest.raises(FileNotFoundError, match="train_feature_net"):
         load_feature_net(tmp_path / "missing.safetensors")
