@@ -124,7 +124,13 @@ def main() -> None:
     from sourceflow.data.manifest import manifest_hash, read_manifest
     from sourceflow.encoders import load_encoder
     from sourceflow.io import read_json, write_json
-    from sourceflow.store.latents import LatentStore, LatentWriter, expected_index_flip, num_rows_of
+    from sourceflow.store.latents import (
+        LAYOUT_VERSION,
+        LatentStore,
+        LatentWriter,
+        expected_index_flip,
+        num_rows_of,
+    )
 
     for flag in ("batch_size", "shard_rows"):
         if getattr(a, flag) < 1:
@@ -156,7 +162,7 @@ def main() -> None:
         if out.exists():
             if not (out / "zarr.json").is_file():
                 raise ValueError(f"{out}: exists but is not a Zarr store; delete it")
-            full = dict(identity, **shape_args, compressor=a.compressor, layout_version=1)
+            full = dict(identity, **shape_args, compressor=a.compressor, layout_version=LAYOUT_VERSION)
             full["spatial_shape"] = list(full["spatial_shape"])
             diff = LatentWriter.identity_mismatch(out, full)
             if diff and not a.overwrite:
@@ -176,6 +182,7 @@ def main() -> None:
     writer = LatentWriter(out)
     if writer.attrs.get("complete"):
         if dist.rank == 0:
+            writer.mark_complete()  # idempotent; drops done markers a kill right after completion left behind
             if not report_path.is_file():
                 write_json(report_path, {"store": str(out), "already_complete": True, "rows": num_rows})
             print(f"{out}: already complete ({num_rows} rows); nothing to do")
