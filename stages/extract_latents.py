@@ -88,8 +88,8 @@ def main() -> None:
     p.add_argument("--encoder", required=True, choices=["pixels", "dinov2", "siglip2", "mae", "sd-vae"],
                    help="image encoder (see sourceflow/encoders)")
     p.add_argument("--weights", default=None,
-                   help="encoder weights: a local save_pretrained folder or a hub id (default: the encoder's "
-                        "standard hub id, which needs the hub or its cache; pixels takes none)")
+                   help="encoder weights: a local save_pretrained folder or a hub id; left out: the encoder's "
+                        "standard hub id, which needs the hub or its cache; pixels takes none")
     p.add_argument("--resolution", type=int, required=True, help="images are ADM-centre-cropped to R x R")
     p.add_argument("--pool", type=int, default=None,
                    help="pixels encoder only: average-pool the image to pool x pool for the CLS descriptor")
