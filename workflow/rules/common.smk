@@ -217,7 +217,7 @@ def extract_launcher(wc, resources):
 def encoder_args(wc):
     e = encoder_spec(wc)
     args = f"--encoder {e['kind']} --resolution {encoder_resolution(wc)} --batch-size {e['batch_size']} "
-    args += f"--shard-rows {e['shard_rows']} " + ("--flips" if e["flips"] else "--no-flips")
+    args += f"--shard-rows {e['shard_rows']} --workers {e['workers']} " + ("--flips" if e["flips"] else "--no-flips")
     if e["weights"]:
         args += f" --weights {e['weights']}"
     if e["pool"]:

@@ -27,7 +27,9 @@ rule extract_latents:
         runtime=240,
     shell:
         "{params.launch} stages/extract_latents.py --manifest {input.manifest} --split train {params.args} "
-        "--device {params.device} --out {params.store} > {log} 2>&1"
+        # --overwrite: a store left by other settings (Snakemake reran because they changed) starts over;
+        # with the same settings the stage resumes where a killed run stopped.
+        "--device {params.device} --overwrite --out {params.store} > {log} 2>&1"
 
 
 rule latent_stats:
