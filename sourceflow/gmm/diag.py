@@ -33,11 +33,16 @@ class DiagGMM:
 
     def log_prob_components(self, x: torch.Tensor) -> torch.Tensor:
         """log w_k + log N(x | μ_k, v_k) for every row and mode: [N, K]."""
-        x = x.reshape(x.shape[0], -1).to(self.means.dtype)
+        return self.terms().log_prob_components(x)
+
+    def terms(self, dtype: torch.dtype | None = None) -> DiagTerms:
+        """The matrix-product form of :meth:`log_prob_components` (computed in float64 when the GMM is
+        float64, then cast to ``dtype``), so a loop over chunks builds it once."""
         prec = 1.0 / self.variances
-        const = (self.means**2 * prec).sum(1) + torch.log(2 * math.pi * self.variances).sum(1)
-        quad = (x * x) @ prec.T - 2.0 * x @ (self.means * prec).T + const
-        return torch.log(self.weights.to(x.dtype)) - 0.5 * quad
+        bias = torch.log(self.weights.to(prec.dtype)) - 0.5 * (
+            (self.means**2 * prec).sum(1) + torch.log(2 * math.pi * self.variances).sum(1))
+        weight = torch.cat([-0.5 * prec.T, (self.means * prec).T, bias[None]], 0)
+        return DiagTerms(weight.to(dtype or self.means.dtype).contiguous())
 
     def posterior(self, x: torch.Tensor) -> torch.Tensor:
         """Responsibilities p(k | x), [N, K]."""
@@ -59,6 +64,23 @@ class DiagGMM:
         var = t["variances"]
         var = var.reshape(var.shape[0], -1).expand_as(means) if var.dim() > 1 else var[:, None].expand_as(means)
         return cls(t["weights"], means, var.contiguous())
+
+
+@dataclass
+class DiagTerms:
+    """log w_k + log N(x | μ_k, v_k) = [x², x, 1] @ weight[:, k], weight = [−½/v; μ/v; bias]ᵀ [2D+1, K]
+    with bias_k = log w_k − ½ Σ_d μ_kd²/v_kd − ½ Σ_d log 2πv_kd: one matrix product per block of rows."""
+
+    weight: torch.Tensor
+
+    @staticmethod
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        """[x², x, 1] for rows ``x`` [N, D] -> [N, 2D+1] (EM reuses it for Σ r·x², Σ r·x, Σ r)."""
+        return torch.cat([x * x, x, x.new_ones(x.shape[0], 1)], 1)
+
+    def log_prob_components(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, K] for rows ``x`` (cast to the terms' dtype)."""
+        return self.augment(x.reshape(x.shape[0], -1).to(self.weight.dtype)) @ self.weight
 
 
 def load_gmm_tensors(path: str | Path) -> dict[str, torch.Tensor]:

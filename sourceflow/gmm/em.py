@@ -1,0 +1,374 @@
+"""Diagonal-covariance GMM fitted by chunked EM in torch (scikit-learn's GaussianMixture, made scalable).
+
+One pass over the rows per EM iteration does sklearn's E-step and the M-step's sufficient statistics
+together: per chunk of ``chunk_rows`` rows the [rows, K] log-densities (two matrix products, see
+:class:`~sourceflow.gmm.diag.DiagTerms`), their log-sum-exp (the log-likelihood) and the
+responsibilities r, accumulated into float64 Nk = Σ r, Σ r·x, Σ r·x². Then the M-step is sklearn's:
+
+    nk = Nk + 10·eps,  μ = Σ r·x / nk,  v = Σ r·x² / nk − μ² + reg_covar,  w = nk / Σ nk
+
+so nothing of size N×K outlives a chunk (sklearn holds several N×K float64 matrices: 42 GB each at
+1.28M × 8192). The log-likelihood recorded for iteration t is the mean log-likelihood of the parameters
+*entering* iteration t (sklearn's ``lower_bounds_``); EM stops when it changes by less than ``tol``.
+
+Speed: when few responsibilities are non-zero (high-dimensional data: most exp() underflow to exactly
+0), the statistics are gathered from the non-zero entries only (``index_add_``, O(nnz·D)) instead of
+the dense r.T @ x products (O(N·K·D)); exact zeros contribute nothing, so this changes nothing but the
+order of summation. ``resp_threshold`` > 0 also drops entries ≤ that value (an approximation; off by
+default). ``dtype=torch.float32`` runs the matrix products in float32 (statistics still summed in
+float64, data centred on its mean first to limit cancellation in x² terms); float64 is the exact mode.
+
+Init (``init``): ``"k-means++"`` — sklearn's k-means++ seed rows (:mod:`sourceflow.gmm.kmeans`), turned
+into parameters the way sklearn does (one-hot responsibilities on the seed rows: w = (1+10·eps)/N, not
+normalised; μ = x/(1+10·eps); v ≈ reg_covar); ``"cuml"`` — cuML KMeans labels as one-hot
+responsibilities (sklearn's ``init_params="kmeans"`` formula; needs cuML and a CUDA device);
+``"auto"`` — cuML when available on a CUDA device, else k-means++; or a :class:`DiagGMM` to start from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sourceflow.gmm.diag import DiagGMM, DiagTerms
+from sourceflow.gmm.kmeans import Reader, Rows, as_rows, default_chunk_rows, kmeans_plusplus
+
+log = logging.getLogger("sourceflow.gmm")
+
+EPS64 = float(np.finfo(np.float64).eps)
+# log-responsibilities (relative to a row's best mode) are clamped here before exp(): exp() of inputs
+# that underflow is ~20-50x slower on CPU, and e^-87 (float32) / e^-700 (float64) count for nothing
+# beside the row's largest term (which is 1); the sparse path treats these entries as zeros.
+EXP_CUT = {torch.float32: -87.0, torch.float64: -700.0}
+
+
+@dataclass
+class SuffStats:
+    """Float64 sufficient statistics of one pass, one [K, 2D+1] matrix: Σ r·x², Σ r·x, Σ r per mode
+    (the responsibilities times :meth:`DiagTerms.augment` rows), plus Σ log p(x) and the row count."""
+
+    acc: torch.Tensor
+    loglik: float = 0.0
+    n: int = 0
+    nnz: int = 0  # non-zero responsibilities gathered by the sparse path (for the log)
+    dense_chunks: int = 0  # chunks that took the dense r.T @ xa path
+
+    @classmethod
+    def zeros(cls, k: int, d: int, device: torch.device | str) -> SuffStats:
+        return cls(torch.zeros(k, 2 * d + 1, dtype=torch.float64, device=device))
+
+    @property
+    def d(self) -> int:
+        return (self.acc.shape[1] - 1) // 2
+
+    def m_step(self, reg_covar: float, normalize_weights: bool = True) -> DiagGMM:
+        """sklearn's ``_estimate_gaussian_parameters`` (diag) from the accumulated statistics."""
+        d = self.d
+        nk = self.acc[:, 2 * d] + 10 * EPS64
+        means = self.acc[:, d:2 * d] / nk[:, None]
+        var = self.acc[:, :d] / nk[:, None] - means**2 + reg_covar
+        weights = nk / nk.sum() if normalize_weights else nk / self.n
+        return DiagGMM(weights, means, var)
+
+
+@dataclass
+class GMMFit:
+    """A fitted GMM (float64, CPU, in the data's coordinates) and how the fit went."""
+
+    gmm: DiagGMM
+    log_likelihood: list[float]  # mean log-likelihood per sample, per iteration (of the parameters entering it)
+    n_iter: int
+    converged: bool
+    init: str
+    seconds: float
+    init_seconds: float
+    seed_rows: list[int] | None = None
+    settings: dict = field(default_factory=dict)
+
+    def labels(self, data: torch.Tensor | np.ndarray | Reader | Rows, **kw) -> torch.Tensor:
+        """Hard mode per row (argmax posterior), in chunks; keywords as :func:`predict`."""
+        return predict(self.gmm, data, **{**self._kw(), **kw})
+
+    def posteriors(self, data: torch.Tensor | np.ndarray | Reader | Rows, **kw) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, [rows, K] posteriors) per chunk; keywords as :func:`iter_posteriors`."""
+        return iter_posteriors(self.gmm, data, **{**self._kw(), **kw})
+
+    def _kw(self) -> dict:
+        return {k: self.settings[k] for k in ("chunk_rows", "device", "dtype") if k in self.settings}
+
+
+def _terms(gmm: DiagGMM, dtype: torch.dtype, device: torch.device | str, shift: torch.Tensor | None):
+    g = gmm.to(device, torch.float64)
+    if shift is not None:
+        g = DiagGMM(g.weights, g.means - shift, g.variances)
+    return g.terms(dtype)
+
+
+def _label_shift(gmm: DiagGMM, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor | None:
+    """In float32, centre rows on the mixture mean Σ w_k μ_k (≈ the data mean) before the products."""
+    if dtype == torch.float64:
+        return None
+    w = gmm.weights.to(device, torch.float64)
+    return ((w / w.sum()) @ gmm.means.to(device, torch.float64)).to(dtype).to(torch.float64)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def iter_posteriors(gmm: DiagGMM, data: torch.Tensor | np.ndarray | Reader | Rows, *, chunk_rows: int | None = None,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
+                    num_rows: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, p(k | x) [rows, K]) for each chunk of rows."""
+    rows = as_rows(data, num_rows)
+    shift = _label_shift(gmm, dtype, device)
+    terms = _terms(gmm, dtype, device, shift)
+    for s, x in rows.chunks(chunk_rows or default_chunk_rows(gmm.num_modes), device, dtype, _cast(shift, dtype)):
+        yield s, torch.softmax(terms.log_prob_components(x), dim=1)
+
+
+def predict(gmm: DiagGMM, data: torch.Tensor | np.ndarray | Reader | Rows, *, chunk_rows: int | None = None,
+            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
+            num_rows: int | None = None) -> torch.Tensor:
+    """Hard labels (int64, CPU) = argmax_k log w_k + log N(x | μ_k, v_k), in chunks."""
+    rows = as_rows(data, num_rows)
+    shift = _label_shift(gmm, dtype, device)
+    terms = _terms(gmm, dtype, device, shift)
+    out = torch.empty(rows.num_rows, dtype=torch.long)
+    for s, x in rows.chunks(chunk_rows or default_chunk_rows(gmm.num_modes), device, dtype, _cast(shift, dtype)):
+        out[s:s + len(x)] = terms.log_prob_components(x).argmax(1).cpu()
+    return out
+
+
+class Workspace:
+    """Buffers reused across chunks and iterations (fresh multi-MB allocations page-fault every time)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device | str,
+            fill_last_col: float | None = None) -> torch.Tensor:
+        """A [rows, cols] view of buffer ``name`` (its last column set to ``fill_last_col`` once, when new)."""
+        b = self._bufs.get(name)
+        if b is None or b.shape[0] < rows or b.shape[1] != cols or b.dtype != dtype or b.device != torch.device(device):
+            b = self._bufs[name] = torch.empty(rows, cols, dtype=dtype, device=device)
+            if fill_last_col is not None:
+                b[:, -1] = fill_last_col
+        return b[:rows]
+
+
+def augment_into(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """``DiagTerms.augment(x − shift)`` written into ``out`` [n, 2D+1] whose last column already holds 1."""
+    d = x.shape[1]
+    xs = out[:, d:2 * d]
+    if shift is not None:
+        torch.sub(x, shift, out=xs)
+    else:
+        xs.copy_(x)
+    torch.mul(xs, xs, out=out[:, :d])
+    return out
+
+
+def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.device | str, dtype: torch.dtype,
+                 shift: torch.Tensor | None = None, resp_threshold: float = 0.0, sparse_density: float = 0.02,
+                 workspace: Workspace | None = None) -> SuffStats:
+    """One fused pass: log-likelihood and the M-step statistics under ``gmm`` (rows minus ``shift``).
+
+    Per chunk: xa = [x², x, 1]; lp = xa @ W; lp − max → clamp at EXP_CUT → exp → ÷ row sum (in place,
+    one [n, K] buffer); then Σ r·xa either densely (r.T @ xa) or, when at most ``sparse_density`` of
+    the responsibilities of the chunk's first 1024 rows are non-zero (above e^EXP_CUT and above
+    ``resp_threshold``), as a sparse [K, n] × [n, 2D+1] product over the non-zero entries only.
+    Both are summed in the compute dtype within a chunk and in float64 across chunks.
+    """
+    k, d = gmm.num_modes, rows.num_features
+    ws = workspace or Workspace()
+    st = SuffStats.zeros(k, d, device)
+    w = _terms(gmm, dtype, device, None).weight
+    cut = EXP_CUT[dtype]
+    floor = math.exp(cut)
+    loglik = torch.zeros((), dtype=torch.float64, device=device)
+    for _, x in rows.chunks(chunk_rows, device, dtype):
+        n = len(x)
+        xa = augment_into(ws.get("xa", n, 2 * d + 1, dtype, device, fill_last_col=1.0), x, shift)
+        p = torch.mm(xa, w, out=ws.get("p", n, k, dtype, device))   # [n, K] log w_k + log N(x | k)
+        m = p.amax(1, keepdim=True)
+        p.sub_(m).clamp_min_(cut).exp_()
+        tot = p.sum(1, keepdim=True)
+        loglik += (m + tot.log()).sum(dtype=torch.float64)
+        keep = (tot * resp_threshold).clamp_min_(floor)   # [n, 1]: entries above this are non-zero
+        head = slice(0, min(n, 1024))
+        if int((p[head] > keep[head]).sum()) <= sparse_density * p[head].numel():
+            r_idx, k_idx = (p > keep).nonzero(as_tuple=True)
+            r = p[r_idx, k_idx].div_(tot[r_idx, 0])
+            resp = torch.sparse_coo_tensor(torch.stack([k_idx, r_idx]), r, (k, n), is_coalesced=False,
+                                           check_invariants=False)
+            st.acc += torch.sparse.mm(resp, xa).to(torch.float64)
+            st.nnz += len(r)
+        else:
+            if resp_threshold > 0:
+                p.masked_fill_(p <= keep, 0)
+            st.acc += (p.div_(tot).T @ xa).to(torch.float64)
+            st.dense_chunks += 1
+        st.n += n
+    st.loglik = float(loglik)
+    return st
+
+
+def init_from_rows(x_seed: torch.Tensor, n: int, reg_covar: float) -> DiagGMM:
+    """sklearn's parameters from one-hot responsibilities on K seed rows (weights not normalised)."""
+    x = x_seed.to(torch.float64)
+    nk = torch.full((x.shape[0],), 1.0 + 10 * EPS64, dtype=torch.float64, device=x.device)
+    means = x / nk[:, None]
+    var = (x * x) / nk[:, None] - means**2 + reg_covar
+    return DiagGMM(nk / n, means, var)
+
+
+def init_from_labels(rows: Rows, labels: torch.Tensor, k: int, reg_covar: float, *, chunk_rows: int,
+                     device: torch.device | str, shift: torch.Tensor | None = None) -> DiagGMM:
+    """sklearn's ``init_params="kmeans"`` parameters: one-hot responsibilities from hard labels."""
+    st = SuffStats.zeros(k, rows.num_features, device)
+    labels = labels.to(device)
+    for s, x in rows.chunks(chunk_rows, device, torch.float64, shift):
+        st.acc.index_add_(0, labels[s:s + len(x)], DiagTerms.augment(x))
+        st.n += len(x)
+    return st.m_step(reg_covar, normalize_weights=False)
+
+
+def cuml_available(device: torch.device | str) -> bool:
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        import cuml  # noqa: F401
+    except Exception:  # an incomplete RAPIDS install raises more than ImportError
+        return False
+    return True
+
+
+def cuml_kmeans_labels(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """cuML KMeans (scalable k-means++ init, Lloyd iterations) labels for rows on a CUDA device."""
+    from cuml.cluster import KMeans
+
+    km = KMeans(n_clusters=k, init="scalable-k-means++", n_init=1, random_state=seed, output_type="cupy")
+    km.fit(x.float().contiguous())
+    return torch.as_tensor(km.labels_, device=x.device).long()
+
+
+def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: int, *, reg_covar: float = 1e-6,
+                 max_iter: int = 100, tol: float = 1e-3, seed: int = 0, init: str | DiagGMM = "k-means++",
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
+                 chunk_rows: int | None = None, center: bool | None = None, resp_threshold: float = 0.0,
+                 sparse_density: float = 0.02, num_rows: int | None = None, progress: bool = False) -> GMMFit:
+    """Fit a K-mode diagonal GMM by EM (see the module docstring for the algorithm and the options).
+
+    ``data`` is a [N, D] tensor/array (kept where it is; chunks are moved to ``device``), a
+    ``read(start, stop)`` callable with ``num_rows``, or a :class:`Rows`. ``center`` (default: on for
+    float32) subtracts the data mean before the matrix products; results are in the data's coordinates.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    rows = as_rows(data, num_rows)
+    n, d = rows.num_rows, rows.num_features
+    k = n_components
+    if not 1 <= k <= n:
+        raise ValueError(f"n_components={k} must be between 1 and the number of rows ({n})")
+    device = torch.device(device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # underflowing responsibilities made resp.T @ x 8x slower
+    chunk_rows = chunk_rows or default_chunk_rows(k)
+    center = (dtype == torch.float32) if center is None else center
+    t0 = time.perf_counter()
+
+    shift = None
+    if center:
+        total = torch.zeros(d, dtype=torch.float64, device=device)
+        for _, x in rows.chunks(chunk_rows, device, torch.float64):
+            total += x.sum(0)
+        shift = (total / n).to(dtype).to(torch.float64)  # representable in the compute dtype
+    seed_rows = None
+    if isinstance(init, DiagGMM):
+        init_name = "given"
+        gmm = init.to(device, torch.float64)
+        if shift is not None:
+            gmm = DiagGMM(gmm.weights, gmm.means - shift, gmm.variances)
+        if gmm.means.shape != (k, d):
+            raise ValueError(f"init GMM has means {tuple(gmm.means.shape)}, expected {(k, d)}")
+    else:
+        if init not in ("k-means++", "cuml", "auto"):
+            raise ValueError(f"init must be 'k-means++', 'cuml', 'auto' or a DiagGMM, got {init!r}")
+        use_cuml = init == "cuml" or (init == "auto" and cuml_available(device))
+        if init == "cuml" and not cuml_available(device):
+            raise ValueError(f"init 'cuml' needs cuML and a CUDA device (device={device})")
+        if init == "auto" and not use_cuml:
+            log.info("GMM init: k-means++ seeds in torch (cuML KMeans needs cuML and a CUDA device; device=%s)", device)
+        if use_cuml:
+            init_name = "cuml-kmeans"
+            log.info("GMM init: cuML KMeans on %s (K=%d)", device, k)
+            x_all = torch.cat([x for _, x in rows.chunks(chunk_rows, device, torch.float32)])
+            labels = cuml_kmeans_labels(x_all, k, seed)
+            del x_all
+            gmm = init_from_labels(rows, labels, k, reg_covar, chunk_rows=chunk_rows, device=device, shift=shift)
+        else:
+            init_name = "k-means++"
+            _, idx = kmeans_plusplus(rows, k, random_state=seed, chunk_rows=chunk_rows, device=device,
+                                     progress=progress)
+            seed_rows = idx.tolist()
+            x_seed = rows.take(idx).to(device, torch.float64)
+            gmm = init_from_rows(x_seed - shift if shift is not None else x_seed, n, reg_covar)
+    init_seconds = time.perf_counter() - t0
+
+    from tqdm import tqdm
+
+    trace: list[float] = []
+    ws = Workspace()
+    converged = False
+    prev = -math.inf
+    bar = tqdm(range(1, max_iter + 1), desc=f"EM K={k}", disable=not progress, file=sys.stderr)
+    n_iter = 0
+    for n_iter in bar:
+        st = e_step_stats(gmm, rows, chunk_rows=chunk_rows, device=device, dtype=dtype, shift=_cast(shift, dtype),
+                          resp_threshold=resp_threshold, sparse_density=sparse_density, workspace=ws)
+        ll = st.loglik / n
+        if not math.isfinite(ll):
+            raise FloatingPointError(f"EM iteration {n_iter}: log-likelihood is {ll} (degenerate data or modes)")
+        trace.append(ll)
+        gmm = st.m_step(reg_covar)
+        bar.set_postfix(ll=f"{ll:.6g}", dense=st.dense_chunks)
+        log.debug("EM iteration %d: mean log-likelihood %.10g; %d dense chunks, %d sparse responsibilities",
+                  n_iter, ll, st.dense_chunks, st.nnz)
+        if abs(ll - prev) < tol:
+            converged = True
+            break
+        prev = ll
+    if shift is not None:
+        gmm = DiagGMM(gmm.weights, gmm.means + shift, gmm.variances)
+    gmm = gmm.to("cpu", torch.float64)
+    settings = {"chunk_rows": chunk_rows, "device": device, "dtype": dtype}
+    return GMMFit(gmm, trace, n_iter, converged, init_name, time.perf_counter() - t0, init_seconds, seed_rows,
+                  settings)
+
+
+def fit_sklearn(x: np.ndarray, n_components: int, *, reg_covar: float = 1e-6, max_iter: int = 100,
+                tol: float = 1e-3, seed: int = 0, init: DiagGMM | None = None) -> GMMFit:
+    """The scikit-learn reference (full-batch GaussianMixture, k-means++ init unless ``init`` given)."""
+    from sklearn.mixture import GaussianMixture
+
+    t0 = time.perf_counter()
+    kw = {}
+    if init is not None:
+        w = init.weights.double().numpy()
+        kw = dict(weights_init=w / w.sum(), means_init=init.means.double().numpy(),
+                  precisions_init=1.0 / init.variances.double().numpy())
+    gm = GaussianMixture(n_components, covariance_type="diag", init_params="k-means++", max_iter=max_iter, tol=tol,
+                         reg_covar=reg_covar, random_state=seed, **kw).fit(x)
+    gmm = DiagGMM(torch.from_numpy(gm.weights_), torch.from_numpy(gm.means_), torch.from_numpy(gm.covariances_))
+    secs = time.perf_counter() - t0
+    return GMMFit(gmm, [float(v) for v in gm.lower_bounds_], int(gm.n_iter_), bool(gm.converged_),
+                  "given" if init is not None else "k-means++", secs, 0.0, None,
+                  {"chunk_rows": len(x), "device": "cpu", "dtype": torch.float64})
