@@ -1,11 +1,22 @@
-"""fit_cls_gmm: fit a diagonal Gaussian mixture on global descriptors ("CLS"; for 2-D toy data the
-points themselves), the mixture MM-FM's mode coupling and GMM source are built from.
+"""fit_cls_gmm: fit a diagonal Gaussian mixture on global descriptors (the CLS tokens of a latent store;
+for 2-D toy data the points themselves), the mixture MM-FM's mode coupling and GMM source are built from.
 
-Backend `sklearn` (scikit-learn GaussianMixture: k-means++ init, diag covariance). Writes weights,
-means and variances to safetensors and a JSON beside it with the log-likelihood, convergence and the
-hard-label counts per mode.
+Input: either --data (toy .safetensors, train split) or --store (latents.zarr: the `cls` rows of the
+unflipped images, rows [0, num_images); the whole [M, D] float32 matrix is held in memory, on --device).
+
+Backends: `torch` (default) — chunked EM (sourceflow.gmm.em): the same algorithm and numbers as
+scikit-learn (k-means++ seed rows identical to sklearn's for the same --seed, one-hot init, tol on the
+change of mean log-likelihood), but never an N×K matrix beyond one chunk, on CPU or CUDA; `sklearn` —
+GaussianMixture (full-batch; for cross-checks and small data).
+
+Writes, beside --out (same stem): <stem>.safetensors (weights [K], means [K, D], variances [K, D]),
+<stem>.json (backend, n, K, seed, init, iterations, converged, log-likelihood per iteration, seconds,
+hard-label counts), <stem>_labels.safetensors (`index` int64 [M]: manifest index per image (toy: row
+number), `labels` int64 [M]: hard mode), <stem>_weights.png (sorted mixture weights, log scale).
 
 Example:
+  python stages/fit_cls_gmm.py --store results/imagenet256/dinov2-b-reg/latents.zarr --components 8192 \\
+      --device cuda --out results/imagenet256/dinov2-b-reg/gmm/cls_K8192.safetensors
   python stages/fit_cls_gmm.py --data results/moons/toy.safetensors --components 8 \\
       --out results/moons/points/gmm/cls_K8.safetensors
 """
@@ -20,41 +31,170 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sourceflow import cli  # noqa: E402
 
 
+def sibling(out: Path, suffix: str) -> Path:
+    """``results/.../cls_K8.safetensors`` + ``_labels.safetensors`` -> ``results/.../cls_K8_labels.safetensors``."""
+    return out.with_name(out.name.removesuffix(".safetensors") + suffix)
+
+
+def load_store_cls(path: str):
+    """(cls [M, D] float32 tensor of the unflipped rows, manifest index [M] int64) of a complete store."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from sourceflow.store.latents import LatentStore
+
+    store = LatentStore.open(path)
+    m = store.num_images
+    cls = np.empty((m, store.cls_dim), dtype=np.float32)
+    index = np.empty(m, dtype=np.int64)
+    with tqdm(total=m, desc="read cls", unit="row", file=sys.stderr) as bar:
+        for first, arrays in store.iter_batches(["cls", "index"], store.shard_rows, 0, m):
+            cls[first:first + len(arrays["cls"])] = arrays["cls"]
+            index[first:first + len(arrays["index"])] = arrays["index"]
+            bar.update(len(arrays["cls"]))
+    if not np.isfinite(cls).all():
+        raise ValueError(f"{path}: the cls array holds non-finite values")
+    return torch.from_numpy(cls), index
+
+
+def weights_plot(weights, path: Path, title: str) -> None:
+    """Sorted mixture weights (descending), log-scale y, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from sourceflow.io import atomic_path
+
+    w = np.sort(np.asarray(weights, dtype=np.float64))[::-1]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(np.arange(1, len(w) + 1), w, drawstyle="steps-mid" if len(w) < 64 else "default")
+    ax.axhline(1.0 / len(w), color="gray", lw=0.8, ls="--", label="uniform 1/K")
+    ax.set_yscale("log")
+    ax.set_xlabel("mode (sorted by weight)")
+    ax.set_ylabel("mixture weight")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def main() -> None:
     p = cli.parser(__doc__)
-    p.add_argument("--data", required=True, help="toy data .safetensors (train split is used)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="toy data .safetensors (its train split is fitted; labels index = row number)")
+    src.add_argument("--store", help="latent store latents.zarr (its `cls` rows [0, num_images) are fitted)")
     p.add_argument("--components", type=int, required=True, help="number of mixture components K")
     p.add_argument("--max-iter", type=int, default=100, help="EM iterations at most")
-    p.add_argument("--tol", type=float, default=1e-3, help="EM convergence tolerance on the mean log-likelihood")
+    p.add_argument("--tol", type=float, default=1e-3,
+                   help="stop when the mean log-likelihood per sample changes by less than this (sklearn's tol)")
     p.add_argument("--reg-covar", type=float, default=1e-6, help="added to every variance")
-    p.add_argument("--backend", default="sklearn", choices=["sklearn"], help="EM implementation")
-    p.add_argument("--out", required=True, help="output .safetensors (a .json with the fit report is written beside it)")
+    p.add_argument("--backend", default="torch", choices=["torch", "sklearn"],
+                   help="torch: chunked EM (CPU or CUDA); sklearn: GaussianMixture (full batch, CPU)")
+    p.add_argument("--init", default="auto", choices=["auto", "k-means++", "cuml"],
+                   help="torch backend: k-means++ seeds as sklearn; cuml: cuML KMeans labels (CUDA + cuML); "
+                        "auto: cuml when available on a CUDA device, else k-means++")
+    p.add_argument("--chunk-rows", type=int, default=0,
+                   help="rows per EM chunk (memory: chunk-rows x K values); 0 = about 256 MB per chunk")
+    p.add_argument("--device", default="cpu", help="torch device for the torch backend (cpu, cuda, cuda:1)")
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                   help="torch backend compute dtype: float64 = sklearn's numbers; float32 = faster matrix "
+                        "products (statistics still summed in float64)")
+    p.add_argument("--out", required=True,
+                   help="output <stem>.safetensors; <stem>.json, <stem>_labels.safetensors and "
+                        "<stem>_weights.png are written beside it")
     cli.add_common(p)
     a = p.parse_args()
     cli.set_threads(a.threads)
 
+    import logging
+    import time
+
     import numpy as np
     import torch
-    from sklearn.mixture import GaussianMixture
+    from safetensors.torch import save_file
 
-    from sourceflow.build import load_points
-    from sourceflow.gmm.diag import DiagGMM
-    from sourceflow.io import write_json
+    from sourceflow.gmm.em import fit_diag_gmm, fit_sklearn, score_and_predict
+    from sourceflow.io import atomic_path, write_json
 
-    x = load_points(a.data, "train").x.double().numpy()
-    if a.components > len(x):
-        raise ValueError(f"--components {a.components} exceeds the {len(x)} training points")
-    gm = GaussianMixture(a.components, covariance_type="diag", init_params="k-means++", max_iter=a.max_iter,
-                         tol=a.tol, reg_covar=a.reg_covar, random_state=a.seed).fit(x)
-    gmm = DiagGMM(torch.from_numpy(gm.weights_), torch.from_numpy(gm.means_), torch.from_numpy(gm.covariances_))
-    gmm.save(a.out, metadata={"backend": a.backend, "components": str(a.components)})
-    counts = np.bincount(gm.predict(x), minlength=a.components)
-    report = {"backend": a.backend, "components": a.components, "n": len(x), "converged": bool(gm.converged_),
-              "n_iter": int(gm.n_iter_), "mean_log_likelihood": float(gm.score(x)),
-              "hard_label_counts": counts.tolist(), "seed": a.seed}
-    write_json(Path(a.out).with_suffix(".json"), report)
-    print(f"wrote {a.out}: K={a.components}, mean log-likelihood {report['mean_log_likelihood']:.4f}, "
-          f"converged={report['converged']} after {report['n_iter']} iterations")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    out = Path(a.out)
+    if not out.name.endswith(".safetensors"):
+        raise ValueError(f"--out must end in .safetensors: {out}")
+    if a.components < 1:
+        raise ValueError(f"--components must be positive, got {a.components}")
+    if a.chunk_rows < 0:
+        raise ValueError(f"--chunk-rows must be >= 0, got {a.chunk_rows}")
+    if a.backend == "sklearn" and a.device != "cpu":
+        raise ValueError(f"--backend sklearn runs on the CPU only, got --device {a.device}")
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {a.device}: CUDA is not available")
+    dtype = getattr(torch, a.dtype)
+
+    t0 = time.perf_counter()
+    if a.data is not None:
+        from sourceflow.build import load_points
+
+        x = load_points(a.data, "train").x.double()
+        x = x.reshape(len(x), -1)
+        index = np.arange(len(x), dtype=np.int64)
+        source = {"data": str(a.data)}
+    else:
+        x, index = load_store_cls(a.store)
+        source = {"store": str(a.store)}
+    n, d = x.shape
+    if a.components > n:
+        raise ValueError(f"--components {a.components} exceeds the {n} rows to fit")
+    read_seconds = time.perf_counter() - t0
+    print(f"fitting K={a.components} on {n} x {d} rows with backend {a.backend}", file=sys.stderr)
+
+    chunk_rows = a.chunk_rows or None
+    if a.backend == "sklearn":
+        fit = fit_sklearn(x.double().numpy(), a.components, reg_covar=a.reg_covar, max_iter=a.max_iter, tol=a.tol,
+                          seed=a.seed)
+        label_device, label_dtype = torch.device("cpu"), torch.float64
+    else:
+        if device.type != "cpu":
+            x = x.to(device)
+        fit = fit_diag_gmm(x, a.components, reg_covar=a.reg_covar, max_iter=a.max_iter, tol=a.tol, seed=a.seed,
+                           init=a.init, device=device, dtype=dtype, chunk_rows=chunk_rows, progress=True)
+        label_device, label_dtype = device, dtype
+    labels, final_ll = score_and_predict(fit.gmm, x, chunk_rows=chunk_rows, device=label_device, dtype=label_dtype)
+    labels = labels.numpy()
+
+    gmm = fit.gmm
+    gmm.save(out, metadata={"backend": a.backend, "components": str(a.components), "init": fit.init,
+                            "seed": str(a.seed)})
+    with atomic_path(sibling(out, "_labels.safetensors")) as tmp:
+        save_file({"index": torch.from_numpy(index), "labels": torch.from_numpy(labels)}, str(tmp),
+                  metadata={"components": str(a.components)})
+    counts = np.bincount(labels, minlength=a.components)
+    weights_plot(gmm.weights.numpy(), sibling(out, "_weights.png"),
+                 f"{out.stem}: K={a.components}, n={n}, {int((counts == 0).sum())} modes without a hard label")
+    report = {
+        **source, "backend": a.backend, "n": int(n), "dim": int(d), "K": a.components, "components": a.components,
+        "seed": a.seed, "init": fit.init, "seed_rows": fit.seed_rows, "iterations": fit.n_iter, "n_iter": fit.n_iter,
+        "converged": fit.converged, "log_likelihood": fit.log_likelihood,
+        "mean_log_likelihood": final_ll,  # of the saved parameters (the trace ends one M-step earlier)
+        "max_iter": a.max_iter, "tol": a.tol, "reg_covar": a.reg_covar, "device": str(device) if a.backend == "torch"
+        else "cpu", "dtype": a.dtype if a.backend == "torch" else "float64", "chunk_rows": fit.settings.get("chunk_rows"),
+        "seconds": {"read": read_seconds, "init": fit.init_seconds, "fit": fit.seconds,
+                    "total": time.perf_counter() - t0},
+        "hard_label_counts": counts.tolist(), "empty_modes": int((counts == 0).sum()),
+        "versions": {"torch": torch.__version__},
+    }
+    if a.backend == "sklearn":
+        import sklearn
+
+        report["versions"]["sklearn"] = sklearn.__version__
+    write_json(sibling(out, ".json"), report)
+    print(f"wrote {out}: K={a.components}, mean log-likelihood {final_ll:.6f}, converged={fit.converged} after "
+          f"{fit.n_iter} iterations ({fit.seconds:.1f} s), {report['empty_modes']} modes without a hard label")
 
 
 if __name__ == "__main__":

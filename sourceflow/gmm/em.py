@@ -138,13 +138,23 @@ def predict(gmm: DiagGMM, data: torch.Tensor | np.ndarray | Reader | Rows, *, ch
             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
             num_rows: int | None = None) -> torch.Tensor:
     """Hard labels (int64, CPU) = argmax_k log w_k + log N(x | μ_k, v_k), in chunks."""
+    return score_and_predict(gmm, data, chunk_rows=chunk_rows, device=device, dtype=dtype, num_rows=num_rows)[0]
+
+
+def score_and_predict(gmm: DiagGMM, data: torch.Tensor | np.ndarray | Reader | Rows, *,
+                      chunk_rows: int | None = None, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float64, num_rows: int | None = None) -> tuple[torch.Tensor, float]:
+    """(hard labels [N] int64 on CPU, mean log-likelihood per row) in one chunked pass."""
     rows = as_rows(data, num_rows)
     shift = _label_shift(gmm, dtype, device)
     terms = _terms(gmm, dtype, device, shift)
     out = torch.empty(rows.num_rows, dtype=torch.long)
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for s, x in rows.chunks(chunk_rows or default_chunk_rows(gmm.num_modes), device, dtype, _cast(shift, dtype)):
-        out[s:s + len(x)] = terms.log_prob_components(x).argmax(1).cpu()
-    return out
+        lp = terms.log_prob_components(x)
+        total += torch.logsumexp(lp, 1).sum(dtype=torch.float64)
+        out[s:s + len(x)] = lp.argmax(1).cpu()
+    return out, float(total) / rows.num_rows
 
 
 class Workspace:
