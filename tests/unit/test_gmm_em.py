@@ -1,0 +1,220 @@
+"""Chunked EM and k-means++ seeds against scikit-learn; the fit_cls_gmm stage end to end on a tiny store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
+from sklearn.cluster import kmeans_plusplus as sk_kmeans_plusplus
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+
+from sourceflow.gmm.diag import DiagGMM
+from sourceflow.gmm.em import fit_diag_gmm, init_from_rows, iter_posteriors, predict
+from sourceflow.gmm.kmeans import Rows, kmeans_plusplus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def mixture_data(n: int, d: int, k: int, seed: int = 0, sep: float = 3.0) -> np.ndarray:
+    """Rows drawn from a random diagonal GMM (float64)."""
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(k, d)) * sep
+    sd = rng.uniform(0.3, 1.5, size=(k, d))
+    z = rng.integers(0, k, n)
+    return mu[z] + sd[z] * rng.normal(size=(n, d))
+
+
+def sklearn_gm(x: np.ndarray, k: int, **kw) -> GaussianMixture:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return GaussianMixture(k, covariance_type="diag", reg_covar=1e-6, **kw).fit(x)
+
+
+@pytest.mark.parametrize(("n", "d", "k"), [(400, 2, 7), (3000, 16, 40)])
+def test_kmeans_plusplus_rows_equal_sklearn(n, d, k):
+    x = mixture_data(n, d, max(2, k // 3), seed=n)
+    for seed in range(3):
+        centers, idx = kmeans_plusplus(x, k, random_state=seed, chunk_rows=97)
+        ref_centers, ref_idx = sk_kmeans_plusplus(x, k, random_state=seed)
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_array_equal(centers.numpy(), ref_centers)
+    # the same from a read(start, stop) callable (e.g. a zarr array) instead of an in-memory matrix
+    _, idx = kmeans_plusplus(Rows(lambda a, b: x[a:b], num_rows=n), k, random_state=5, chunk_rows=64)
+    np.testing.assert_array_equal(idx, sk_kmeans_plusplus(x, k, random_state=5)[1])
+
+
+def test_em_equals_sklearn_from_its_own_kmeanspp_init():
+    """Same seed rows, same one-hot init, same iterations: parameters and log-likelihood trace agree."""
+    x = mixture_data(2000, 6, 5, seed=1, sep=1.5)
+    k, seed = 8, 3
+    for tol, max_iter in [(0.0, 12), (1e-3, 200)]:
+        ref = sklearn_gm(x, k, init_params="k-means++", random_state=seed, tol=tol, max_iter=max_iter)
+        for chunk_rows in (len(x), 37):
+            fit = fit_diag_gmm(x, k, tol=tol, max_iter=max_iter, seed=seed, chunk_rows=chunk_rows)
+            assert fit.init == "k-means++" and fit.n_iter == ref.n_iter_ and fit.converged == ref.converged_
+            np.testing.assert_array_equal(fit.seed_rows, sk_kmeans_plusplus(x, k, random_state=seed)[1])
+            np.testing.assert_allclose(fit.gmm.means.numpy(), ref.means_, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(fit.gmm.variances.numpy(), ref.covariances_, rtol=1e-9)
+            np.testing.assert_allclose(fit.gmm.weights.numpy(), ref.weights_, rtol=1e-9)
+            np.testing.assert_allclose(fit.log_likelihood, ref.lower_bounds_, rtol=1e-12)
+    np.testing.assert_array_equal(predict(fit.gmm, x, chunk_rows=100).numpy(), ref.predict(x))
+    post = torch.cat([p for _, p in fit.posteriors(x, chunk_rows=300)])
+    np.testing.assert_allclose(post.numpy(), ref.predict_proba(x), atol=1e-9)
+
+
+def test_em_equals_sklearn_from_a_given_init():
+    x = mixture_data(1500, 4, 4, seed=2, sep=2.0)
+    rng = np.random.default_rng(0)
+    w = rng.uniform(0.5, 1, 6)
+    init = DiagGMM(torch.from_numpy(w / w.sum()), torch.from_numpy(x[rng.choice(len(x), 6, replace=False)]),
+                   torch.from_numpy(rng.uniform(0.5, 2, (6, 4))))
+    ref = sklearn_gm(x, 6, weights_init=init.weights.numpy(), means_init=init.means.numpy(),
+                     precisions_init=1 / init.variances.numpy(), tol=0, max_iter=15)
+    fit = fit_diag_gmm(x, 6, init=init, tol=0, max_iter=15, chunk_rows=128)
+    assert fit.init == "given" and fit.n_iter == 15
+    np.testing.assert_allclose(fit.gmm.means.numpy(), ref.means_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(fit.log_likelihood, ref.lower_bounds_, rtol=1e-12)
+
+
+def test_chunked_sparse_and_reader_paths_agree():
+    """Chunk size, the sparse/dense statistics paths and the data source only change summation order."""
+    x = mixture_data(3000, 12, 6, seed=3, sep=4.0)  # well separated: most responsibilities are exactly 0
+    kw = dict(tol=0, max_iter=8, seed=1)
+    base = fit_diag_gmm(torch.from_numpy(x), 6, chunk_rows=len(x), sparse_density=0.0, **kw)  # dense only
+    for other in (fit_diag_gmm(x, 6, chunk_rows=101, sparse_density=1.0, **kw),  # sparse only
+                  fit_diag_gmm(Rows(lambda a, b: x[a:b], num_rows=len(x)), 6, chunk_rows=256, **kw)):
+        np.testing.assert_allclose(other.gmm.means.numpy(), base.gmm.means.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(other.gmm.variances.numpy(), base.gmm.variances.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(other.log_likelihood, base.log_likelihood, rtol=1e-12)
+
+
+def test_float32_mode_is_close_to_float64():
+    x = mixture_data(4000, 32, 8, seed=4, sep=1.0) + 20.0  # an offset: centring keeps float32 accurate
+    f64 = fit_diag_gmm(x, 8, tol=0, max_iter=10, seed=0)
+    f32 = fit_diag_gmm(torch.from_numpy(x).float(), 8, tol=0, max_iter=10, seed=0, dtype=torch.float32,
+                       chunk_rows=500)
+    assert f32.seed_rows is not None
+    np.testing.assert_allclose(f32.log_likelihood[1:], f64.log_likelihood[1:], rtol=1e-6)
+    np.testing.assert_allclose(f32.gmm.means.numpy(), f64.gmm.means.numpy(), atol=1e-4)
+    assert (predict(f32.gmm, x, dtype=torch.float32) == predict(f64.gmm, x)).float().mean() > 0.999
+
+
+def test_init_from_seed_rows_is_sklearns_one_hot_init():
+    x = mixture_data(500, 3, 3, seed=5)
+    idx = np.array([3, 70, 400])
+    resp = np.zeros((500, 3))
+    resp[idx, np.arange(3)] = 1
+    from sklearn.mixture._gaussian_mixture import _estimate_gaussian_parameters
+
+    nk, means, cov = _estimate_gaussian_parameters(x, resp, 1e-6, "diag")
+    g = init_from_rows(torch.from_numpy(x[idx]), 500, 1e-6)
+    np.testing.assert_array_equal(g.weights.numpy(), nk / 500)
+    np.testing.assert_array_equal(g.means.numpy(), means)
+    np.testing.assert_array_equal(g.variances.numpy(), cov)
+
+
+def test_auto_init_falls_back_to_kmeanspp_without_cuml(caplog):
+    x = mixture_data(300, 2, 3, seed=6)
+    with caplog.at_level(logging.INFO, logger="sourceflow.gmm"):
+        fit = fit_diag_gmm(x, 3, init="auto", max_iter=3)
+    assert fit.init == "k-means++"
+    assert "k-means++ seeds in torch" in caplog.text and "cuML KMeans needs cuML and a CUDA device" in caplog.text
+    with pytest.raises(ValueError, match="needs cuML and a CUDA device"):
+        fit_diag_gmm(x, 3, init="cuml", max_iter=3)
+    with pytest.raises(ValueError, match="n_components=400"):
+        fit_diag_gmm(x, 400)
+
+
+def test_iter_posteriors_chunks_cover_all_rows():
+    x = mixture_data(250, 3, 2, seed=7)
+    g = fit_diag_gmm(x, 2, max_iter=5).gmm
+    chunks = list(iter_posteriors(g, x, chunk_rows=100))
+    assert [s for s, _ in chunks] == [0, 100, 200]
+    torch.testing.assert_close(torch.cat([p for _, p in chunks]), g.posterior(torch.from_numpy(x)))
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+
+def tiny_store(path: Path, cls: np.ndarray, spatial: np.ndarray, flips: bool, shard_rows: int = 16) -> np.ndarray:
+    """A complete latent store (written through LatentWriter) over images with manifest index 3·i;
+    with flips the second half repeats the images flipped. Returns the index column."""
+    from sourceflow.store.latents import LatentWriter, expected_index_flip
+
+    m = len(cls) // (2 if flips else 1)
+    LatentWriter.create(path, {"encoder": "test", "weights": None, "encoder_options": {}, "resolution": 8,
+                               "manifest_hash": "0" * 16, "split": "train"}, cls_dim=cls.shape[1],
+                        spatial_shape=spatial.shape[1:], num_images=m, flips=flips, shard_rows=shard_rows)
+    w = LatentWriter(path)
+    index, flip = expected_index_flip(np.arange(m) * 3, flips)
+    data = {"cls": cls.astype(np.float32), "spatial": spatial.astype(np.float32), "index": index, "flip": flip}
+    for s in range(w.num_shards):
+        a, b = w.shard_range(s)
+        w.write_shard(s, {n: v[a:b] for n, v in data.items()})
+    assert w.verify(index, flip) == []
+    w.mark_complete()
+    return index
+
+
+def run_stage(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "stages/fit_cls_gmm.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_stage_on_a_store(tmp_path):
+    m, k = 120, 4
+    cls = mixture_data(m, 5, k, seed=8).astype(np.float32)
+    # flipped rows carry different CLS values: the fit must use rows [0, M) only
+    cls_all = np.concatenate([cls, cls + 100.0])
+    spatial = np.random.default_rng(0).normal(size=(2 * m, 2, 2, 3))
+    index = tiny_store(tmp_path / "latents.zarr", cls_all, spatial, flips=True)
+    out = tmp_path / "gmm" / f"cls_K{k}.safetensors"
+    res = run_stage("--store", str(tmp_path / "latents.zarr"), "--components", str(k), "--chunk-rows", "50",
+                    "--seed", "2", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "k-means++ seeds in torch" in res.stderr
+    rep = json.loads((tmp_path / "gmm" / f"cls_K{k}.json").read_text())
+    assert (rep["backend"], rep["n"], rep["K"], rep["seed"], rep["init"]) == ("torch", m, k, 2, "k-means++")
+    assert rep["iterations"] == len(rep["log_likelihood"]) and rep["converged"] is True
+    assert sum(rep["hard_label_counts"]) == m and set(rep["seconds"]) >= {"init", "fit", "total"}
+    ref = sklearn_gm(cls.astype(np.float64), k, init_params="k-means++", random_state=2, tol=1e-3, max_iter=100)
+    gmm = DiagGMM.load(out)
+    np.testing.assert_allclose(gmm.means.numpy(), ref.means_, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(rep["log_likelihood"], ref.lower_bounds_, rtol=1e-10)
+    lab = load_file(str(tmp_path / "gmm" / f"cls_K{k}_labels.safetensors"))
+    np.testing.assert_array_equal(lab["index"], index[:m])
+    np.testing.assert_array_equal(lab["labels"], ref.predict(cls.astype(np.float64)))
+    png = tmp_path / "gmm" / f"cls_K{k}_weights.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stage_on_toy_data_both_backends_and_errors(tmp_path):
+    x = torch.from_numpy(mixture_data(500, 2, 3, seed=9)).float()
+    save_file({"train.x": x, "train.label": torch.zeros(500, dtype=torch.long), "train.num_classes": torch.tensor(1)},
+              str(tmp_path / "toy.safetensors"))
+    reps = {}
+    for backend in ("torch", "sklearn"):
+        out = tmp_path / backend / "cls_K3.safetensors"
+        res = run_stage("--data", str(tmp_path / "toy.safetensors"), "--components", "3", "--backend", backend,
+                        "--out", str(out))
+        assert res.returncode == 0, res.stderr
+        reps[backend] = json.loads(out.with_suffix(".json").read_text())
+        lab = load_file(str(tmp_path / backend / "cls_K3_labels.safetensors"))
+        np.testing.assert_array_equal(lab["index"], np.arange(500))
+    assert reps["torch"]["iterations"] == reps["sklearn"]["iterations"]
+    np.testing.assert_allclose(reps["torch"]["log_likelihood"], reps["sklearn"]["log_likelihood"], rtol=1e-9)
+    assert reps["torch"]["hard_label_counts"] == reps["sklearn"]["hard_label_counts"]
+    both = run_stage("--data", "a", "--store", "b", "--components", "3", "--out", str(tmp_path / "g.safetensors"))
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    missing = run_stage("--store", str(tmp_path / "none.zarr"), "--components", "3", "--out",
+                        str(tmp_path / "g.safetensors"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: latent store not found:")
