@@ -1,0 +1,146 @@
+"""MM-FM's spatial GMM against brute-force per-mode numpy moments (flips, an empty mode, memmap path)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
+
+from sourceflow.flow.sources import GMMSource
+from sourceflow.gmm.diag import DiagGMM
+from sourceflow.gmm.spatial import accumulate, label_lookup, write_safetensors_blocks, write_spatial_gmm
+from sourceflow.store.stats import LatentStats
+from tests.unit.test_gmm_em import tiny_store
+
+ROOT = Path(__file__).resolve().parents[2]
+M, K, SHAPE = 40, 5, (3, 2, 4)  # 40 images (+ 40 flips), 5 modes of which mode 3 gets no image
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spatial")
+    rng = np.random.default_rng(0)
+    spatial = (2.0 + 1.5 * rng.normal(size=(2 * M, *SHAPE))).astype(np.float32)
+    spatial[M:] = spatial[:M, ..., ::-1] + 0.1 * rng.normal(size=(M, *SHAPE)).astype(np.float32)  # "flipped"
+    index = tiny_store(tmp / "latents.zarr", rng.normal(size=(2 * M, 4)), spatial, flips=True, shard_rows=16)
+    labels = np.array([0, 1, 2, 4])[rng.integers(0, 4, M)]
+    labels[7] = 1  # mode 1 keeps at least one image
+    # the labels file lists the images in another order than the store (the join is on the index column)
+    perm = rng.permutation(M)
+    save_file({"index": torch.from_numpy(index[:M][perm]), "labels": torch.from_numpy(labels[perm])},
+              str(tmp / "labels.safetensors"))
+    stats = LatentStats(torch.from_numpy(rng.normal(size=SHAPE)).float() + 2,
+                        torch.from_numpy(rng.uniform(1, 3, SHAPE)).float())
+    stats.save(tmp / "stats.safetensors")
+    w = rng.uniform(0.5, 1, K)
+    DiagGMM(torch.from_numpy(w / w.sum()), torch.zeros(K, 4, dtype=torch.float64),
+            torch.ones(K, 4, dtype=torch.float64)).save(tmp / "cls.safetensors")
+    return tmp, spatial, labels, stats, w / w.sum()
+
+
+def brute_force(spatial, labels, stats, variance):
+    """Per-mode moments by numpy over every row (flipped rows take their image's label)."""
+    x = stats.normalize(torch.from_numpy(spatial)).double().numpy().reshape(len(spatial), -1)
+    lab = np.concatenate([labels, labels])
+    g_mu, g_var = x.mean(0), x.var(0)
+    means, var = [], []
+    for k in range(K):
+        xs = x[lab == k]
+        if len(xs) == 0:
+            means.append(g_mu)
+            var.append(g_var.mean() if variance == "spherical" else g_var)
+        else:
+            means.append(xs.mean(0))
+            var.append(xs.var(0).mean() if variance == "spherical" else xs.var(0))
+    return np.stack(means).reshape(K, *SHAPE), np.stack(var) if variance == "spherical" else \
+        np.stack(var).reshape(K, *SHAPE), np.bincount(lab, minlength=K)
+
+
+@pytest.mark.parametrize("variance", ["spherical", "diag"])
+@pytest.mark.parametrize("budget_mb", ["1000", "0"])  # in RAM, or memory-mapped files (budget 0)
+def test_stage_equals_brute_force(setup, variance, budget_mb):
+    tmp, spatial, labels, stats, weights = setup
+    out = tmp / f"out_{variance}_{budget_mb}" / f"spatial_K{K}.safetensors"
+    res = subprocess.run([sys.executable, "stages/build_spatial_gmm.py", "--store", str(tmp / "latents.zarr"),
+                          "--stats", str(tmp / "stats.safetensors"), "--cls-gmm", str(tmp / "cls.safetensors"),
+                          "--labels", str(tmp / "labels.safetensors"), "--variance", variance,
+                          "--memory-budget-mb", budget_mb, "--batch-rows", "7", "--save-dtype", "float64",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    ref_mu, ref_var, counts = brute_force(spatial, labels, stats, variance)
+    t = load_file(str(out))
+    np.testing.assert_allclose(t["means"], ref_mu, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(t["variances"], ref_var, rtol=1e-10)
+    np.testing.assert_allclose(t["weights"], weights, rtol=1e-15)
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["counts"] == counts.tolist() and rep["empty_modes"] == 1 and rep["rows"] == 2 * M
+    assert rep["memory_mapped"] is (budget_mb == "0")
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, out.with_suffix(".json").name])
+    g = DiagGMM.load(out)  # the existing loader reads both variance layouts
+    assert g.means.shape == (K, int(np.prod(SHAPE))) and g.variances.shape == g.means.shape
+    src = GMMSource.load(out, variance=variance)
+    assert src.event_shape == SHAPE
+
+
+def test_float32_output_and_library_paths_agree(setup, tmp_path):
+    tmp, spatial, labels, stats, weights = setup
+    from sourceflow.store.latents import LatentStore
+
+    store = LatentStore.open(tmp / "latents.zarr")
+    lab = load_file(str(tmp / "labels.safetensors"))
+    table = label_lookup(lab["index"], lab["labels"], K)
+
+    def batches():
+        for _, a in store.iter_batches(["index", "spatial"], 16):
+            yield a["index"], a["spatial"]
+
+    ram = accumulate(batches(), stats.normalize, table, K, 24, variance="diag", memory_budget_bytes=1 << 30)
+    disk = accumulate(batches(), stats.normalize, table, K, 24, variance="diag", memory_budget_bytes=0,
+                      tmp_dir=tmp_path)
+    assert disk.on_disk and not ram.on_disk and list(tmp_path.iterdir())
+    np.testing.assert_allclose(np.asarray(disk.sx), ram.sx.numpy(), rtol=1e-14)
+    write_spatial_gmm(tmp_path / "a.safetensors", disk, weights, SHAPE, block_modes=2)
+    disk.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # accumulator files removed
+    ref_mu, ref_var, _ = brute_force(spatial, labels, stats, "diag")
+    t = load_file(str(tmp_path / "a.safetensors"))
+    assert t["means"].dtype == np.float32 and t["weights"].dtype == np.float64
+    np.testing.assert_allclose(t["means"], ref_mu, rtol=1e-6)
+    np.testing.assert_allclose(t["variances"], ref_var, rtol=1e-6)
+
+
+def test_missing_label_is_one_line(setup, tmp_path):
+    tmp, *_ = setup
+    save_file({"index": torch.arange(3) * 3, "labels": torch.zeros(3, dtype=torch.long)},
+              str(tmp_path / "few.safetensors"))
+    res = subprocess.run([sys.executable, "stages/build_spatial_gmm.py", "--store", str(tmp / "latents.zarr"),
+                          "--stats", str(tmp / "stats.safetensors"), "--cls-gmm", str(tmp / "cls.safetensors"),
+                          "--labels", str(tmp_path / "few.safetensors"), "--out", str(tmp_path / "s.safetensors")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == "error: manifest index 9 of the store has no CLS label"
+    assert not (tmp_path / "s.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["few.safetensors"]
+    with pytest.raises(ValueError, match="outside"):
+        label_lookup(np.arange(3), np.array([0, 1, K]), K)
+
+
+def test_streaming_safetensors_writer_round_trips(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    b = np.array([1.5, 2.5])
+    write_safetensors_blocks(tmp_path / "t.safetensors", [
+        ("a", np.dtype(np.float32), (3, 4), lambda: iter([a[:1], a[1:]])),
+        ("b", np.dtype(np.float64), (2,), lambda: iter([b]))], metadata={"x": "y"})
+    t = load_file(str(tmp_path / "t.safetensors"))
+    np.testing.assert_array_equal(t["a"], a)
+    np.testing.assert_array_equal(t["b"], b)
+    with pytest.raises(RuntimeError, match="expected 48"):
+        write_safetensors_blocks(tmp_path / "u.safetensors", [("a", np.dtype(np.float32), (3, 4), lambda: iter([a[:1]]))])
+    assert not (tmp_path / "u.safetensors").exists()
