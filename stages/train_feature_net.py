@@ -127,7 +127,7 @@ def main() -> None:
     acc = float(np.mean(pred_test == y_test))
     per_class = {cfg.class_names[c]: float(np.mean(pred_test[y_test == c] == c))
                  for c in range(num_classes) if (y_test == c).any()}
-    net.save(a.out, metadata={"test_accuracy": f"{acc:.6f}", "manifest_hash": manifest_hash(a.manifest)})
+    net.save(a.out, info={"test_accuracy": acc, "manifest_hash": manifest_hash(a.manifest)})
     report = {
         "test_accuracy": acc, "train_accuracy": float(np.mean(pred_train == y_train)),
         "test_accuracy_per_class": per_class, "num_train": len(y_train), "num_test": len(y_test),

@@ -21,6 +21,9 @@ from torch import nn
 
 from sourceflow.io import atomic_path
 
+META_KEY = "feature_net"
+FORMAT = "sourceflow.feature_net/1"
+
 
 @dataclass
 class FeatureNetConfig:
@@ -59,31 +62,40 @@ class FeatureNet(nn.Module):
         """Class logits [B, num_classes]."""
         return self.head(self.features(x))
 
-    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-        """Weights (safetensors) with the config as JSON in the metadata, written atomically."""
-        meta = {"config": json.dumps(asdict(self.config)), "format": "sourceflow.feature_net/1", **(metadata or {})}
+    def save(self, path: str | Path, info: dict | None = None) -> None:
+        """Weights (safetensors), written atomically, with one metadata entry ``feature_net``: JSON of
+        {"format", "config", **info}. One key, sorted JSON: safetensors writes several metadata keys in
+        a random order, which would make the bytes differ between identical runs."""
+        meta = {"format": FORMAT, "config": asdict(self.config), **(info or {})}
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata=meta)
+            save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def read_feature_net_metadata(path: str | Path) -> dict[str, str]:
+def read_feature_net_metadata(path: str | Path) -> dict:
+    """The ``feature_net`` metadata JSON of a weights file: format, config and the training info."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature network not found: {path} (run the train_feature_net stage)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            meta = dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error type for a broken header
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if META_KEY not in meta:
+        raise KeyError(f"{path}: no '{META_KEY}' entry in the safetensors metadata (not written by train_feature_net)")
+    try:
+        return json.loads(meta[META_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata '{META_KEY}' is not valid JSON ({e})") from None
 
 
 def load_feature_net(path: str | Path, device: str | torch.device = "cpu") -> FeatureNet:
     """Rebuild a :class:`FeatureNet` from its safetensors file, in eval mode."""
     meta = read_feature_net_metadata(path)
-    if "config" not in meta:
-        raise KeyError(f"{path}: no 'config' in the safetensors metadata (not written by train_feature_net)")
-    cfg = json.loads(meta["config"])
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise ValueError(f"{path}: unknown feature network format {meta.get('format')!r} (expected {FORMAT})")
+    cfg = dict(meta["config"])
     cfg["widths"] = tuple(cfg["widths"])
     net = FeatureNet(FeatureNetConfig(**cfg))
     state = load_file(str(path))

@@ -105,7 +105,7 @@ def test_feature_net_is_resolution_agnostic_and_round_trips(tmp_path):
         x = torch.rand(4, 3, r, r) * 2 - 1
         assert net.features(x).shape == (4, 128) and net(x).shape == (4, 10)
     path = tmp_path / "net.safetensors"
-    net.save(path, metadata={"test_accuracy": "0.5"})
+    net.save(path, info={"test_accuracy": 0.5})
     back = load_feature_net(path)
     x = torch.rand(4, 3, 8, 8) * 2 - 1
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_feature_net_is_resolution_agnostic_and_round_trips(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(KeyError, match="no 'config'"):
+    with pytest.raises(KeyError, match="no 'feature_net' entry"):
         load_feature_net(tmp_path / "other.safetensors")
 
 
@@ -201,7 +201,7 @@ def run_stage(root, *args):
 
 
 @pytest.mark.slow
-def test_digits_feature_net_and_reference_stats(tmp_path, root):
+def test_digits_feature_net_and_reference_stats(tmp_path, root, monkeypatch, capsys):
     """prepare_data → train_feature_net → reference_stats on the real scikit-learn digits (~20 s)."""
     manifest = tmp_path / "digits" / "manifest.parquet"
     run_stage(root, "stages/prepare_data.py", "--source", "digits", "--out", str(manifest))
@@ -211,6 +211,12 @@ def test_digits_feature_net_and_reference_stats(tmp_path, root):
     report = json.loads((net.parent / "report.json").read_text())
     assert report["test_accuracy"] >= 0.9 and report["num_test"] > 200  # 30 epochs (the default) reach ~97%
     assert sorted(p.name for p in net.parent.iterdir()) == ["model.safetensors", "report.json"]
+    # same inputs and seed: byte-identical weights
+    twins = [tmp_path / f"twin{i}" / "model.safetensors" for i in range(2)]
+    for t in twins:
+        assert stage_in_process(root, monkeypatch, capsys, "stages/train_feature_net.py", "--manifest", manifest,
+                                "--epochs", "1", "--out", t)[0] == 0
+    assert twins[0].read_bytes() == twins[1].read_bytes()
 
     refs = {}
     for split in ("train", "test"):
