@@ -75,7 +75,7 @@ def main() -> None:
 
     x_train = to_model_range(load_images(train, res, a.workers, desc="train images"))
     x_test = to_model_range(load_images(test, res, a.workers, desc="test images"))
-    yt = torch.from_numpy(y_train)
+    yt = torch.from_numpy(y_train.copy())
     t_loaded = time.perf_counter()
 
     torch.manual_seed(a.seed)
@@ -118,7 +118,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         losses.append(total / len(x_train))
         print(f"epoch {epoch + 1}/{a.epochs}: train loss {losses[-1]:.4f}", file=sys.stderr)
     t_trained = time.perf_counter()
