@@ -202,9 +202,13 @@ def run_stage(root, *args):
 
 @pytest.mark.slow
 def test_digits_feature_net_and_reference_stats(tmp_path, root, monkeypatch, capsys):
-    """prepare_data → train_feature_net → reference_stats on the real scikit-learn digits (~20 s)."""
+    """prepare_data → train_feature_net (a real subprocess) → reference_stats on the real digits (~20 s)."""
     manifest = tmp_path / "digits" / "manifest.parquet"
-    run_stage(root, "stages/prepare_data.py", "--source", "digits", "--out", str(manifest))
+    def stage(script, *args):
+        code, err = stage_in_process(root, monkeypatch, capsys, script, *args)
+        assert code == 0, err
+
+    stage("stages/prepare_data.py", "--source", "digits", "--out", manifest)
     net = tmp_path / "digits" / "feature_net" / "model.safetensors"
     run_stage(root, "stages/train_feature_net.py", "--manifest", str(manifest), "--resolution", "8",
               "--epochs", "10", "--batch-size", "128", "--lr", "0.002", "--seed", "0", "--out", str(net))
@@ -214,16 +218,14 @@ def test_digits_feature_net_and_reference_stats(tmp_path, root, monkeypatch, cap
     # same inputs and seed: byte-identical weights
     twins = [tmp_path / f"twin{i}" / "model.safetensors" for i in range(2)]
     for t in twins:
-        assert stage_in_process(root, monkeypatch, capsys, "stages/train_feature_net.py", "--manifest", manifest,
-                                "--epochs", "1", "--out", t)[0] == 0
+        stage("stages/train_feature_net.py", "--manifest", manifest, "--epochs", "1", "--out", t)
     assert twins[0].read_bytes() == twins[1].read_bytes()
 
     refs = {}
     for split in ("train", "test"):
         out = tmp_path / "digits" / "reference" / f"feature-net-{split}.npz"
-        run_stage(root, "stages/reference_stats.py", "--manifest", str(manifest), "--split", split,
-                  "--resolution", "8", "--batch-size", "100", "--features", "feature-net", "--feature-net", str(net),
-                  "--device", "cpu", "--out", str(out))
+        stage("stages/reference_stats.py", "--manifest", manifest, "--split", split, "--resolution", "8",
+              "--batch-size", "100", "--features", "feature-net", "--feature-net", net, "--device", "cpu", "--out", out)
         refs[split] = read_reference_npz(out)
     tr, te = refs["train"], refs["test"]
     f = tr["features"].astype(np.float64)
