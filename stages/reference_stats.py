@@ -10,7 +10,8 @@ evaluate stage reports at the same N (finite-sample W2 is not 0 even for a perfe
 feature network (--features feature-net --feature-net WEIGHTS) or clean-fid's Inception (--features
 inception --inception FILE, "clean" bicubic resize to 299, 2048-d pool features). Writes an npz with
 the ADM keys mu (float64 [F]) and sigma (float64 [F, F], unbiased N−1 covariance), plus features
-(float32 [N, F], for precision/recall), label_hist (float64 [classes], fraction of images per true
+(float32 [n, F], for precision/recall; all N images, or a seeded random subset of --max-features) with
+features_index (int64 [n], their manifest index), label_hist (float64 [classes], fraction of images per true
 label, when the manifest has labels) and, for the feature network, pred_label_hist (the same for its
 predicted labels, the classifier's own view of real data).
 
@@ -83,8 +84,9 @@ def image_mode(a) -> None:
     res = a.resolution or int(m.meta.get("resolution", 0))
     if res < 1:
         raise ValueError("--resolution is needed (the manifest records none)")
-    if a.max_images:
-        m.frame = m.frame.iloc[:a.max_images].reset_index(drop=True)
+    if a.max_images and a.max_images < len(m.frame):  # a seeded random subset, kept in manifest order
+        pick = np.sort(np.random.default_rng([a.seed, 1]).choice(len(m.frame), a.max_images, replace=False))
+        m.frame = m.frame.iloc[pick].reset_index(drop=True)
     extractor = load_feature_extractor(a.features, weights, a.device, workers=a.workers)
     if a.features == "feature-net" and extractor.resolution != res:
         print(f"warning: the feature network was trained at resolution {extractor.resolution}, "
@@ -92,11 +94,18 @@ def image_mode(a) -> None:
 
     n = len(m.frame)
     stats = FeatureStats(extractor.dim, device="cpu")
-    feats = np.empty((n, extractor.dim), dtype=np.float32)
+    # features kept for precision/recall: all rows, or a seeded random subset (manifests are often
+    # sorted by class, so the first rows would be a few classes only); mu/sigma always use every row
+    keep = np.arange(n) if not a.max_features or a.max_features >= n else \
+        np.sort(np.random.default_rng(a.seed).choice(n, a.max_features, replace=False))
+    slot = np.full(n, -1, dtype=np.int64)
+    slot[keep] = np.arange(len(keep))
+    feats = np.empty((len(keep), extractor.dim), dtype=np.float32)
     preds = np.empty(n, dtype=np.int64) if extractor.num_classes else None
     for start, images in iter_image_batches(m, res, a.batch_size, a.workers, desc=f"{a.features} features"):
         out = extractor(images)
-        feats[start:start + len(images)] = out.features
+        rows = slot[start:start + len(images)]
+        feats[rows[rows >= 0]] = out.features[rows >= 0]
         stats.update(torch.from_numpy(out.features))
         if preds is not None:
             preds[start:start + len(images)] = out.labels
@@ -106,6 +115,7 @@ def image_mode(a) -> None:
     label_hist = label_histogram(labels, num_classes) if (labels >= 0).any() else None
     if preds is not None:
         extra["pred_label_hist"] = label_histogram(preds, extractor.num_classes)
+    extra["features_index"] = m.frame["index"].to_numpy()[keep]
     save_reference_npz(a.out, stats.mu, stats.sigma, features=feats, label_hist=label_hist, **extra)
     msg = f"wrote {a.out}: {a.features} features of {n} {a.split} images at {res}px, {extractor.dim}-d"
     if preds is not None and label_hist is not None:
@@ -127,7 +137,10 @@ def main() -> None:
     p.add_argument("--inception", default=None,
                    help="image mode: clean-fid's inception-2015-12-05.pt (a file, or the folder holding it)")
     p.add_argument("--batch-size", type=int, default=256, help="image mode: images per forward pass")
-    p.add_argument("--max-images", type=int, default=0, help="image mode: use only the first N images of the split (0: all)")
+    p.add_argument("--max-images", type=int, default=0, help="image mode: use only N images of the split, a random subset drawn with --seed (0: all)")
+    p.add_argument("--max-features", type=int, default=50000,
+                   help="image mode: store the features of at most this many images (a random subset drawn with "
+                        "--seed; mu and sigma still use every image; 0: store all)")
     p.add_argument("--workers", type=int, default=4, help="image mode: threads decoding and resizing images")
     p.add_argument("--device", default="cpu", help="image mode: torch device of the feature extractor (cpu, cuda)")
     p.add_argument("--out", required=True, help="output: .json (toy mode) or .npz (image and ADM modes)")

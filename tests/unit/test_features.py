@@ -301,6 +301,15 @@ def test_reference_stats_modes_and_errors(tmp_path, root, fake_inception, monkey
     z = read_reference_npz(out)
     assert z["features"].shape == (5, 2048) and z["sigma"].shape == (2048, 2048)
     assert z["label_hist"].tolist() == [0.6, 0.4] and "pred_label_hist" not in z
+    assert z["features_index"].tolist() == [0, 1, 2, 3, 4]
+    # keep the features of a random subset only: mu/sigma unchanged, the kept rows are the same rows
+    sub = tmp_path / "ref" / "inception-sub.npz"
+    assert stage("--manifest", manifest, "--features", "inception", "--inception", folder, "--batch-size", "2",
+                 "--max-features", "3", "--out", sub)[0] == 0
+    zs = read_reference_npz(sub)
+    np.testing.assert_allclose(zs["mu"], z["mu"], rtol=1e-12)
+    assert zs["features"].shape == (3, 2048) and len(set(zs["features_index"].tolist())) == 3
+    np.testing.assert_array_equal(zs["features"], z["features"][zs["features_index"]])
     code, err = stage("--manifest", manifest, "--features", "inception", "--inception", tmp_path / "none.pt",
                       "--out", out)
     assert code == 2 and len(err.strip().splitlines()) == 1 and INCEPTION_URL in err
