@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 
 from sourceflow.metrics.frechet import (
     FeatureStats,
@@ -16,6 +17,14 @@ from sourceflow.metrics.frechet import (
     save_reference_npz,
     trace_sqrt_product,
 )
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """One BLAS thread: on a shared 2-core machine OpenBLAS threads that wait on a busy core made the
+    2048-d sqrtm take 100 s instead of 20 s."""
+    with threadpool_limits(1):
+        yield
 
 
 def sqrtm_fd(mu1, s1, mu2, s2) -> float:
