@@ -10,7 +10,7 @@ rule align_captions:
         report=f"{R}/{{dataset}}/captions/match_report.json",
     params:
         captions=caption_file,
-        cap=caption_spec,
+        cap=lambda wc: {k: v for k, v in caption_spec(wc).items() if k != "text_encoders"},
     log:
         f"{R}/logs/{{dataset}}/align_captions.log",
     conda:

@@ -27,7 +27,8 @@ rule prepare_data:
         skipped=f"{R}/{{dataset}}/skipped.csv",
     params:
         args=prepare_data_args,
-        ds=dataset,
+        # only the keys this stage reads (the whole dataset entry would rerun it for any GMM/caption change)
+        ds=lambda wc: {k: dataset(wc)[k] for k in ("resolution", "test_fraction", "on_bad_image", "seed")},
     log:
         f"{R}/logs/{{dataset}}/prepare_data.log",
     benchmark:
