@@ -1,1 +1,1 @@
-"""Diagonal Gaussian mixtures: log-densities and posteriors (later: chunked EM, spatial GMMs)."""
+"""Diagonal Gaussian mixtures: densities (diag), chunked EM (em), k-means++ seeds (kmeans), MM-FM spatial GMMs (spatial)."""

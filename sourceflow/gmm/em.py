@@ -91,6 +91,7 @@ class GMMFit:
     init_seconds: float
     seed_rows: list[int] | None = None
     settings: dict = field(default_factory=dict)
+    dense_share: list[float] = field(default_factory=list)  # per iteration: share of chunks on the dense path
 
     def labels(self, data: torch.Tensor | np.ndarray | Reader | Rows, **kw) -> torch.Tensor:
         """Hard mode per row (argmax posterior), in chunks; keywords as :func:`predict`."""
@@ -119,6 +120,10 @@ def _label_shift(gmm: DiagGMM, dtype: torch.dtype, device: torch.device | str) -
     return ((w / w.sum()) @ gmm.means.to(device, torch.float64)).to(dtype).to(torch.float64)
 
 
+def _auto_rows(gmm: DiagGMM) -> int:
+    return default_chunk_rows(max(gmm.num_modes, 2 * gmm.means.shape[1] + 1))
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
@@ -130,7 +135,7 @@ def iter_posteriors(gmm: DiagGMM, data: torch.Tensor | np.ndarray | Reader | Row
     rows = as_rows(data, num_rows)
     shift = _label_shift(gmm, dtype, device)
     terms = _terms(gmm, dtype, device, shift)
-    for s, x in rows.chunks(chunk_rows or default_chunk_rows(gmm.num_modes), device, dtype, _cast(shift, dtype)):
+    for s, x in rows.chunks(chunk_rows or _auto_rows(gmm), device, dtype, _cast(shift, dtype)):
         yield s, torch.softmax(terms.log_prob_components(x), dim=1)
 
 
@@ -150,7 +155,7 @@ def score_and_predict(gmm: DiagGMM, data: torch.Tensor | np.ndarray | Reader | R
     terms = _terms(gmm, dtype, device, shift)
     out = torch.empty(rows.num_rows, dtype=torch.long)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for s, x in rows.chunks(chunk_rows or default_chunk_rows(gmm.num_modes), device, dtype, _cast(shift, dtype)):
+    for s, x in rows.chunks(chunk_rows or _auto_rows(gmm), device, dtype, _cast(shift, dtype)):
         lp = terms.log_prob_components(x)
         total += torch.logsumexp(lp, 1).sum(dtype=torch.float64)
         out[s:s + len(x)] = lp.argmax(1).cpu()
@@ -291,7 +296,7 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
     device = torch.device(device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # underflowing responsibilities made resp.T @ x 8x slower
-    chunk_rows = chunk_rows or default_chunk_rows(k)
+    chunk_rows = chunk_rows or default_chunk_rows(max(k, 2 * d + 1))  # [rows, K] and [rows, 2D+1] buffers
     center = (dtype == torch.float32) if center is None else center
     t0 = time.perf_counter()
 
@@ -336,6 +341,8 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
     from tqdm import tqdm
 
     trace: list[float] = []
+    dense_share: list[float] = []
+    num_chunks = -(-n // chunk_rows)
     ws = Workspace()
     converged = False
     prev = -math.inf
@@ -348,6 +355,7 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
         if not math.isfinite(ll):
             raise FloatingPointError(f"EM iteration {n_iter}: log-likelihood is {ll} (degenerate data or modes)")
         trace.append(ll)
+        dense_share.append(st.dense_chunks / num_chunks)
         gmm = st.m_step(reg_covar)
         bar.set_postfix(ll=f"{ll:.6g}", dense=st.dense_chunks)
         log.debug("EM iteration %d: mean log-likelihood %.10g; %d dense chunks, %d sparse responsibilities",
@@ -361,7 +369,7 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
     gmm = gmm.to("cpu", torch.float64)
     settings = {"chunk_rows": chunk_rows, "device": device, "dtype": dtype}
     return GMMFit(gmm, trace, n_iter, converged, init_name, time.perf_counter() - t0, init_seconds, seed_rows,
-                  settings)
+                  settings, dense_share)
 
 
 def fit_sklearn(x: np.ndarray, n_components: int, *, reg_covar: float = 1e-6, max_iter: int = 100,

@@ -78,9 +78,10 @@ def as_rows(data: torch.Tensor | np.ndarray | Reader | Rows, num_rows: int | Non
     return data if isinstance(data, Rows) else Rows(data, num_rows)
 
 
-def default_chunk_rows(n_components: int) -> int:
-    """Rows per chunk so that one [rows, K] float32 block is about 256 MB (at most 65,536 rows)."""
-    return int(min(65536, max(256, 2**26 // max(1, n_components))))
+def default_chunk_rows(width: int) -> int:
+    """Rows per chunk so that one [rows, width] float32 block (width: K, or 2D+1 for EM) is about 256 MB
+    (between 256 and 65,536 rows)."""
+    return int(min(65536, max(256, 2**26 // max(1, width))))
 
 
 def _sq_dist(c: torch.Tensor, c_norm: torch.Tensor, x: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ def kmeans_plusplus(data: torch.Tensor | np.ndarray | Reader | Rows, n_clusters:
         raise ValueError(f"n_clusters={n_clusters} must be between 1 and the number of rows ({n})")
     rs = random_state if isinstance(random_state, np.random.RandomState) else np.random.RandomState(random_state)
     trials = n_local_trials if n_local_trials is not None else 2 + int(np.log(n_clusters))
-    chunk_rows = chunk_rows or default_chunk_rows(trials)
+    chunk_rows = chunk_rows or default_chunk_rows(max(trials, 2 * rows.num_features))  # float64 chunks
     f64 = torch.float64
 
     weight = np.ones(n)
