@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,33 @@ def read_json(path: str | Path) -> Any:
         raise FileNotFoundError(f"missing file: {path}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors(path: str | Path, keys: Iterable[str], what: str, hint: str = "", framework: str = "pt"
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors ``keys`` (torch, or numpy with ``framework="np"``) and the metadata of a safetensors file.
+
+    One-line errors name the file: FileNotFoundError "<what> not found: <path> (<hint>)" (the hint
+    says e.g. which stage writes it), ValueError for a file that is not safetensors (truncated, a
+    stray file), KeyError for a missing tensor.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}" + (f" ({hint})" if hint else ""))
+    keys = list(keys)
+    try:
+        with safe_open(str(path), framework=framework) as f:
+            have = set(f.keys())
+            missing = [k for k in keys if k not in have]
+            if missing:
+                raise KeyError(f"{path}: missing tensor(s) {missing} (has {sorted(have)})")
+            return {k: f.get_tensor(k) for k in keys}, dict(f.metadata() or {})
+    except KeyError:
+        raise
+    except Exception as e:  # safetensors raises its own error type for a broken header or body
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:

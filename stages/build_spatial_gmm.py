@@ -58,11 +58,10 @@ def main() -> None:
     import time
 
     import numpy as np
-    from safetensors import safe_open
 
     from sourceflow.gmm.diag import load_gmm_tensors
     from sourceflow.gmm.spatial import SpatialReport, accumulate, label_lookup, write_spatial_gmm
-    from sourceflow.io import write_json
+    from sourceflow.io import read_safetensors, write_json
     from sourceflow.store.latents import LatentStore
     from sourceflow.store.stats import LatentStats
 
@@ -76,13 +75,9 @@ def main() -> None:
     stats = LatentStats.load(a.stats)
     weights = load_gmm_tensors(a.cls_gmm)["weights"].double().numpy()
     k = len(weights)
-    if not Path(a.labels).is_file():
-        raise FileNotFoundError(f"labels file not found: {a.labels} (run the fit_cls_gmm stage)")
-    with safe_open(str(a.labels), framework="np") as f:
-        missing = {"index", "labels"} - set(f.keys())
-        if missing:
-            raise KeyError(f"{a.labels}: missing tensors {sorted(missing)}")
-        label_of = label_lookup(f.get_tensor("index"), f.get_tensor("labels"), k, str(a.labels))
+    lab, _ = read_safetensors(a.labels, ("index", "labels"), "labels file", "run the fit_cls_gmm stage",
+                              framework="np")
+    label_of = label_lookup(lab["index"], lab["labels"], k, str(a.labels))
     shape = tuple(store.spatial_shape)
     d = int(np.prod(shape))
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from sourceflow.io import atomic_path
+from sourceflow.io import atomic_path, read_safetensors
 
 
 @dataclass
@@ -85,11 +85,5 @@ class DiagTerms:
 
 def load_gmm_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """``weights``, ``means``, ``variances`` of a GMM file, with errors that name the file."""
-    try:
-        t = load_file(str(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"GMM file not found: {path}") from None
-    missing = {"weights", "means", "variances"} - set(t)
-    if missing:
-        raise KeyError(f"{path}: missing tensors {sorted(missing)}")
-    return t
+    return read_safetensors(path, ("weights", "means", "variances"), "GMM file",
+                            "run the fit_cls_gmm / build_spatial_gmm stage")[0]

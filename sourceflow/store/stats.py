@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sourceflow.io import atomic_path
+from sourceflow.io import atomic_path, read_safetensors
 
 
 @dataclass
@@ -41,6 +40,7 @@ class LatentStats:
         return x * std + mean
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """Write ``mean`` and ``var`` (float32) with ``eps`` and ``metadata`` to a safetensors file, atomically."""
         meta = {"eps": repr(float(self.eps))}
         meta.update(metadata or {})
         with atomic_path(path) as tmp:
@@ -49,16 +49,11 @@ class LatentStats:
 
     @classmethod
     def load(cls, path: str | Path) -> LatentStats:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"latent stats not found: {path} (run the latent_stats stage)")
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            if not {"mean", "var"} <= keys:
-                raise KeyError(f"{path}: expected tensors 'mean' and 'var', found {sorted(keys)}")
-            meta = f.metadata() or {}
-            mean, var = f.get_tensor("mean"), f.get_tensor("var")
-        return cls(mean, var, float(meta.get("eps", 1e-6)))
+        """Read a file written by :meth:`save`; one-line errors naming the file."""
+        t, meta = read_safetensors(path, ("mean", "var"), "latent stats", "run the latent_stats stage")
+        if t["mean"].shape != t["var"].shape:
+            raise ValueError(f"{path}: mean {tuple(t['mean'].shape)} and var {tuple(t['var'].shape)} differ in shape")
+        return cls(t["mean"], t["var"], float(meta.get("eps", 1e-6)))
 
 
 class RunningMoments:

@@ -144,3 +144,25 @@ def test_streaming_safetensors_writer_round_trips(tmp_path):
     with pytest.raises(RuntimeError, match="expected 48"):
         write_safetensors_blocks(tmp_path / "u.safetensors", [("a", np.dtype(np.float32), (3, 4), lambda: iter([a[:1]]))])
     assert not (tmp_path / "u.safetensors").exists()
+
+
+def test_broken_input_files_are_one_line_errors(setup, tmp_path):
+    """A truncated or missing stats / GMM / labels file is a one-line error naming it, not a traceback."""
+    from sourceflow.gmm.diag import load_gmm_tensors
+
+    tmp, *_ = setup
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((tmp / "stats.safetensors").read_bytes()[:20])
+    for load in (LatentStats.load, load_gmm_tensors):
+        with pytest.raises(ValueError, match=f"{broken}: not a readable safetensors file"):
+            load(broken)
+    with pytest.raises(FileNotFoundError, match="latent stats not found: .*run the latent_stats stage"):
+        LatentStats.load(tmp_path / "nope.safetensors")
+    with pytest.raises(KeyError, match=r"missing tensor\(s\) \['weights', 'means', 'variances'\]"):
+        load_gmm_tensors(tmp / "stats.safetensors")
+    res = subprocess.run([sys.executable, "stages/build_spatial_gmm.py", "--store", str(tmp / "latents.zarr"),
+                          "--stats", str(tmp / "stats.safetensors"), "--cls-gmm", str(tmp / "cls.safetensors"),
+                          "--labels", str(broken), "--out", str(tmp_path / "s.safetensors")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stderr.startswith(f"error: {broken}: not a readable safetensors file")
