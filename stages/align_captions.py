@@ -10,7 +10,7 @@ match_report.json beside it (images matched / without caption, caption paths mat
 duplicate caption lines, the fraction, the manifest hash).
 
 Fails with one line showing the first unmatched paths on both sides when fewer than
---min-match-fraction of the images have a caption (the report is still written). Above the threshold,
+--min-match-fraction of the images have a caption (the report is still written, a previous OUT is removed). Above the threshold,
 images without a caption get an empty caption "" and are all listed in the report
 (images_without_caption_paths). A path captioned twice keeps its first line.
 
@@ -64,11 +64,17 @@ def main() -> None:
               "path_field": a.path_field, "caption_field": a.caption_field, "split": a.split,
               "min_match_fraction": a.min_match_fraction, "ok": result.fraction >= a.min_match_fraction,
               **result.report}
-    write_json(out.with_name("match_report.json"), report)
+    report_path = out.with_name("match_report.json")
     if not report["ok"]:
+        out.unlink(missing_ok=True)  # a previous run's table must not outlive a failed alignment
+        write_json(report_path, report)
         raise ValueError(mismatch_message(result.report, a.min_match_fraction))
+    # the report goes last: embed_captions takes (table, report with ok: true) as a finished alignment, so
+    # a kill between the two writes must not leave an old ok report beside a new table
+    report_path.unlink(missing_ok=True)
     with atomic_path(out) as tmp:
         result.aligned.to_parquet(tmp, index=False, engine="pyarrow")
+    write_json(report_path, report)
     r = result.report
     print(f"wrote {out}: {r['images_matched']}/{r['images']} images captioned "
           f"({100 * result.fraction:.2f}%), {r['images_without_caption']} get an empty caption; "

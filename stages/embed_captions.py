@@ -69,6 +69,9 @@ def main() -> None:
     if not aligned_path.is_file():
         raise FileNotFoundError(f"aligned captions not found: {aligned_path} (run the align_captions stage)")
     report = read_json(aligned_path.with_name("match_report.json"))
+    if report.get("ok") is not True:
+        raise ValueError(f"{aligned_path.with_name('match_report.json')}: the alignment did not pass "
+                         f"(ok: {report.get('ok')!r}); re-run align_captions")
     if report.get("manifest_hash") != mhash:
         raise ValueError(f"{aligned_path} was aligned to another manifest (hash {report.get('manifest_hash')} "
                          f"!= {mhash}); re-run align_captions")

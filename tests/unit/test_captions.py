@@ -147,6 +147,9 @@ def test_align_stage_threshold_message(tmp_path):
     assert rep["images_without_caption_paths"] == ["c2/img002.jpg", "c2/img005.jpg"]
     assert rep["caption_paths_unmatched"] == 2 + 4  # the 2 renamed paths + the captions of the 4 test images
     assert rep["manifest_hash"] == manifest_hash(man) and rep["ok"] is True
+    # a later failed alignment removes the table it can no longer vouch for
+    res = run_stage("align_captions", "--manifest", str(man), "--captions", str(jsonl), "--out", str(out))
+    assert res.returncode == 2 and not out.exists()
 
 
 # --- text encoders -----------------------------------------------------------------------------------
