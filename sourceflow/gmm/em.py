@@ -18,6 +18,20 @@ order of summation. ``resp_threshold`` > 0 also drops entries ≤ that value (an
 default). ``dtype=torch.float32`` runs the matrix products in float32 (statistics still summed in
 float64, data centred on its mean first to limit cancellation in x² terms); float64 is the exact mode.
 
+bf16 screen (float32 only, on a CPU with AMX/AVX512-BF16 or a CUDA device; ``screen``): the [rows, K]
+log-densities are first computed with bf16 operands (fp32 accumulation; ~4x faster on AMX) together
+with a per-row bound B_i on their error, and modes that provably sit more than −EXP_CUT below the
+row's best mode are dropped: their responsibility is the clamped floor, which the float32 path treats
+as zero in the statistics and which is < float32 eps beside the row sum (≥ 1) in the log-likelihood.
+Only the remaining (row, mode) pairs get exact float32 log-densities (a sampled dense-dense product),
+so the result equals the plain float32 path up to the order of float32 summation. A chunk whose
+candidate pairs exceed ``sparse_density`` takes the plain path. Error bound (see :class:`Screen`):
+with bf(a) = a(1+δ), |δ| ≤ 2^-8 (any rounding mode) and fp32 accumulation over n = 2D+1 terms
+(γ_n = n·2^-24/(1−n·2^-24)), |q̃_ik − q_ik| ≤ (2^-7 + 2^-16 + γ_n(1+2^-8)²)·S_ik and the float32
+product itself is within γ_n·S_ik of the exact value, S_ik = Σ_j |xa_ij|·|W_jk|; so with
+S_i ≥ max_k S_ik and c = 2^-7 + 2^-16 + 2.1·γ_n, B_i = c·S_i bounds |q̃_ik − q32_ik|. A mode with
+q̃_ik < max_k q̃_ik + EXP_CUT − 2·B_i then has q32_ik < max_k q32_ik + EXP_CUT.
+
 Init (``init``): ``"k-means++"`` — sklearn's k-means++ seed rows (:mod:`sourceflow.gmm.kmeans`), turned
 into parameters the way sklearn does (one-hot responsibilities on the seed rows: w = (1+10·eps)/N, not
 normalised; μ = x/(1+10·eps); v ≈ reg_covar); ``"cuml"`` — cuML KMeans labels as one-hot
@@ -31,7 +45,9 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +75,7 @@ class SuffStats:
     n: int = 0
     nnz: int = 0  # non-zero responsibilities gathered by the sparse path (for the log)
     dense_chunks: int = 0  # chunks that took the dense r.T @ xa path
+    screened_chunks: int = 0  # chunks whose log-densities were screened in bf16 (exact on candidates only)
 
     @classmethod
     def zeros(cls, k: int, d: int, device: torch.device | str) -> SuffStats:
@@ -92,6 +109,7 @@ class GMMFit:
     seed_rows: list[int] | None = None
     settings: dict = field(default_factory=dict)
     dense_share: list[float] = field(default_factory=list)  # per iteration: share of chunks on the dense path
+    screen_share: list[float] = field(default_factory=list)  # per iteration: share of chunks screened in bf16
 
     def labels(self, data: torch.Tensor | np.ndarray | Reader | Rows, **kw) -> torch.Tensor:
         """Hard mode per row (argmax posterior), in chunks; keywords as :func:`predict`."""
@@ -167,13 +185,18 @@ class Workspace:
 
     def __init__(self) -> None:
         self._bufs: dict[str, torch.Tensor] = {}
+        self.screen_fails = 0  # consecutive passes in which no chunk passed the bf16 screen
+        self.screen_skip = 0  # passes left to run without trying the screen (2^fails − 1 after a failure)
 
     def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device | str,
-            fill_last_col: float | None = None) -> torch.Tensor:
-        """A [rows, cols] view of buffer ``name`` (its last column set to ``fill_last_col`` once, when new)."""
+            fill_last_col: float | None = None, fill: float | None = None) -> torch.Tensor:
+        """A [rows, cols] view of buffer ``name`` (set to ``fill`` and its last column to ``fill_last_col``
+        once, when new)."""
         b = self._bufs.get(name)
         if b is None or b.shape[0] < rows or b.shape[1] != cols or b.dtype != dtype or b.device != torch.device(device):
             b = self._bufs[name] = torch.empty(rows, cols, dtype=dtype, device=device)
+            if fill is not None:
+                b.fill_(fill)
             if fill_last_col is not None:
                 b[:, -1] = fill_last_col
         return b[:rows]
@@ -191,9 +214,213 @@ def augment_into(out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor | None)
     return out
 
 
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matrix products are much faster than float32 here (CPU with AMX or AVX512-BF16 via
+    oneDNN, or a CUDA device with bf16): the condition for the bf16 screen."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    cpu = getattr(torch, "cpu", None)
+    amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    avx = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return bool(amx or avx) and hasattr(torch.backends.mkldnn, "matmul")
+
+
+# unit roundoff terms of the screen's error bound (module docstring): operands rounded to bf16 with a
+# relative error ≤ 2^-8 each (holds for truncation too, RNE gives 2^-9)
+BF16_REL = 2.0**-8
+
+
+def screen_constant(n_terms: int, bf16_output: bool) -> float:
+    """c with |q̃_ik − q32_ik| ≤ c·S_ik (module docstring); ``bf16_output`` adds the rounding of the
+    product itself to bf16 (2^-8·|q̃| ≤ 2^-8·(1+c)·S)."""
+    gamma = n_terms * 2.0**-24 / (1 - n_terms * 2.0**-24)
+    c = 2 * BF16_REL + BF16_REL**2 + 2.1 * gamma
+    if bf16_output:
+        c += BF16_REL * (1 + c)
+    return c
+
+
+def screen_groups(k: int, max_groups: int = 16, singles: int = 8) -> list[int]:
+    """Group sizes over modes sorted by their typical bound (ascending): the ``singles`` largest get a
+    bound column each, then groups of 2, 4, 8, ... below them, the rest share the first column. One
+    near-degenerate mode (variance ≈ reg_covar: |w| ~ 1e6) would otherwise loosen every mode's bound."""
+    sizes: list[int] = []
+    rem, nxt = k, 1
+    while rem > 0:
+        if len(sizes) == max_groups - 1:
+            sizes.append(rem)
+            break
+        if len(sizes) < singles:
+            sz = 1
+        else:
+            sz, nxt = nxt, nxt * 2
+        sz = min(sz, rem)
+        sizes.append(sz)
+        rem -= sz
+    return sizes[::-1]
+
+
+@dataclass
+class Screen:
+    """The bf16 screen's product matrix [2D+1, K+G]: ``w`` with its modes permuted (``perm``: column ->
+    mode) so that the G groups are contiguous column ranges (``bounds``), then one non-negative bound
+    column per group (also as ``w_bf16``); ``c`` is :func:`screen_constant`."""
+
+    w_ext: torch.Tensor
+    perm: torch.Tensor
+    bounds: list[tuple[int, int]]
+    c: float
+    w_bf16: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return len(self.perm)
+
+    @classmethod
+    def build(cls, gmm: DiagGMM, w: torch.Tensor) -> Screen:
+        """Bound columns s_g with xa_i·s_g ≥ S_ik = Σ_j |xa_ij|·|w_jk| for every mode k of group g: by
+        |x|·b ≤ (x²·b/t + b·t)/2 (any t > 0; t_j = the mixture's rms of feature j, where it is tight),
+        S_ik ≤ Σ_j x_j²(|w_x²,jk| + |w_x,jk|/(2t_j)) + |bias_k| + Σ_j |w_x,jk|·t_j/2, maximised over the
+        group (zero on the x rows). Every product xa_ij·s_gj is ≥ 0, so its bf16 product is ≥ (1−c)·S."""
+        d = (w.shape[0] - 1) // 2
+        g = gmm.to(w.device, torch.float64)
+        t = ((g.weights / g.weights.sum()) @ (g.means**2 + g.variances)).sqrt().clamp_min(1e-30)
+        wa = w.to(torch.float64).abs()
+        s_k = wa[:d] + wa[d:2 * d] / (2 * t[:, None])                       # [D, K]
+        c_k = wa[2 * d] + (wa[d:2 * d] * t[:, None]).sum(0) / 2              # [K]
+        perm = torch.argsort(t**2 @ s_k + c_k)                              # typical bound, ascending
+        cols, bounds, start = [], [], 0
+        for size in screen_groups(len(perm)):
+            members = perm[start:start + size]
+            col = torch.zeros(2 * d + 1, dtype=torch.float64, device=w.device)
+            col[:d] = s_k[:, members].amax(1)
+            col[2 * d] = c_k[members].amax()
+            cols.append(col * (1 + 2.0**-20))  # rounding s to float32 must not lower it
+            bounds.append((start, start + size))
+            start += size
+        w_ext = torch.cat([w[:, perm], torch.stack(cols, 1).to(w.dtype)], 1)
+        return cls(w_ext, perm, bounds, screen_constant(2 * d + 1, bf16_output=True), w_ext.to(torch.bfloat16))
+
+    def candidates(self, q: torch.Tensor, mask: torch.Tensor, cut: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, permuted columns) whose exact float32 log-density may lie within −``cut`` of the row's
+        best, from the bf16 product q [n, K+G] (consumed; ``mask``: a [n, ≥K] bool buffer, columns ≥ K
+        False, width a multiple of 8): with B̂_ik = c/(1−c)·S̃_i,g(k) ≥ |q̃_ik − q32_ik|,
+        L_i = max_k q̃_ik − B̂_ik ≤ max_k q32_ik, and pair (i, k) is dropped when q̃_ik + B̂_ik < L_i + cut."""
+        k = self.k
+        # 1% and 2^-20·|L| cover the float32 rounding of these few operations
+        b = q[:, k:].mul_(1.01 * self.c / (1 - self.c))                      # [n, G]
+        tops = torch.stack([q[:, a:z].amax(1) for a, z in self.bounds], 1)
+        low = (tops - b).amax(1)
+        for g, (a, z) in enumerate(self.bounds):
+            q[:, a:z].add_(b[:, g:g + 1])
+        thr = low + cut - low.abs() * 2.0**-20
+        torch.ge(q[:, :k], thr[:, None], out=mask[:, :k])
+        return nonzero_rows_cols(mask, k)
+
+
+def _approx_mm(xa: torch.Tensor, w_bf16: torch.Tensor, xa_bf16: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """xa @ w with bf16 operands (fp32 accumulation, bf16 result, widened into ``out``)."""
+    return out.copy_(torch.mm(xa_bf16.copy_(xa), w_bf16))
+
+
+def nonzero_rows_cols(mask: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask[:, :cols].nonzero(as_tuple=True)`` for a sparse [n, C] bool mask with C a multiple of 8 (and
+    columns ≥ ``cols`` False): scans it as int64 words (8x fewer elements), then the few non-zero words."""
+    width = mask.shape[1]
+    words = mask.view(torch.int64).view(-1).nonzero().squeeze(1)
+    wj, bj = mask.view(-1, 8)[words].nonzero(as_tuple=True)
+    flat = words[wj] * 8 + bj
+    return flat // width, flat % width
+
+
+def _screen_candidates(xa: torch.Tensor, sc: Screen, ws: Workspace, cut: float, density: float,
+                       head_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Candidate (rows, permuted columns) of a chunk, or None when more than ``density`` of the pairs are
+    candidates: judged on the first ``head_rows`` rows first (against half of ``density``, so that a
+    chunk near the limit does not pay for a full product in vain), then on the whole chunk."""
+    n, k = xa.shape[0], sc.k
+    q = ws.get("q", n, sc.w_ext.shape[1], xa.dtype, xa.device)
+    xb = ws.get("xa_bf16", n, xa.shape[1], torch.bfloat16, xa.device)
+    mask = ws.get("mask", n, -(-k // 8) * 8, torch.bool, xa.device, fill=False)
+    h = min(n, head_rows)
+    r, kk = sc.candidates(_approx_mm(xa[:h], sc.w_bf16, xb[:h], q[:h]), mask[:h], cut)
+    if len(r) > density * h * k * (0.5 if n > h else 1.0):
+        return None
+    if n > h:
+        r2, k2 = sc.candidates(_approx_mm(xa[h:], sc.w_bf16, xb[h:], q[h:]), mask[h:], cut)
+        if len(r) + len(r2) > density * n * k:
+            return None
+        r, kk = torch.cat([r, r2 + h]), torch.cat([kk, k2])
+    return r, kk
+
+
+def _exact_pairs(xa: torch.Tensor, w: torch.Tensor, r: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
+    """Float32 xa_r · w[:, k] for each pair (rows ascending, as from nonzero): a sampled dense product."""
+    n, k = xa.shape[0], w.shape[1]
+    crow = torch.zeros(n + 1, dtype=torch.long, device=xa.device)
+    torch.cumsum(torch.bincount(r, minlength=n), 0, out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        mask = torch.sparse_csr_tensor(crow, kk, torch.zeros(len(r), dtype=xa.dtype, device=xa.device), (n, k),
+                                       check_invariants=False)
+        return torch.sparse.sampled_addmm(mask, xa, w, beta=0.0).values()
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _row_parallel(fn, xa: torch.Tensor, r_idx: torch.Tensor, k_idx: torch.Tensor, **kw) -> list:
+    """``fn(xa_part, r_local, k_local, pair_slice=..., **kw)`` over row ranges of a chunk, in one thread per
+    torch thread on CPU (the sparse kernels used on the pairs run single-threaded; torch releases the
+    GIL), else once. ``r_idx`` must be ascending; each part sees its rows renumbered from 0."""
+    n = xa.shape[0]
+    parts = torch.get_num_threads() if xa.device.type == "cpu" and len(r_idx) >= 4096 else 1
+    if parts <= 1:
+        return [fn(xa, r_idx, k_idx, pair_slice=slice(0, len(r_idx)), **kw)]
+    global _POOL
+    if _POOL is None or _POOL._max_workers < parts:
+        _POOL = ThreadPoolExecutor(parts, thread_name_prefix="sourceflow-em")
+    cuts = [n * i // parts for i in range(parts + 1)]
+    at = torch.searchsorted(r_idx, torch.tensor(cuts, device=r_idx.device)).tolist()
+    jobs = [_POOL.submit(fn, xa[cuts[i]:cuts[i + 1]], r_idx[at[i]:at[i + 1]] - cuts[i], k_idx[at[i]:at[i + 1]],
+                         pair_slice=slice(at[i], at[i + 1]), **kw) for i in range(parts)]
+    return [j.result() for j in jobs]
+
+
+def _sparse_stats(xa: torch.Tensor, r_idx: torch.Tensor, k_idx: torch.Tensor, *, pair_slice: slice,
+                  r: torch.Tensor, k: int) -> torch.Tensor:
+    """Σ r·xa per mode [K, 2D+1] from the responsibilities ``r[pair_slice]`` at (rows, modes)."""
+    resp = torch.sparse_coo_tensor(torch.stack([k_idx, r_idx]), r[pair_slice], (k, xa.shape[0]),
+                                   is_coalesced=False, check_invariants=False)
+    return torch.sparse.mm(resp, xa)
+
+
+def _screened_stats(xa: torch.Tensor, r_idx: torch.Tensor, k_idx: torch.Tensor, *, pair_slice: slice,
+                    w: torch.Tensor, perm: torch.Tensor, cut: float, resp_threshold: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(Σ r·xa [K, 2D+1], Σ log p(x) (float64), non-zero responsibilities) of rows ``xa`` from their
+    screened candidate pairs (rows ascending, columns of the permuted ``w``): exact float32 log-densities
+    of the pairs, then the plain path's max → clamp → exp → row sum → sparse statistics on them."""
+    n = xa.shape[0]
+    v = _exact_pairs(xa, w, r_idx, k_idx)
+    k_idx = perm[k_idx]
+    m = torch.full((n,), -math.inf, dtype=xa.dtype, device=xa.device).scatter_reduce_(0, r_idx, v, "amax")
+    v.sub_(m[r_idx]).clamp_min_(cut).exp_()
+    tot = torch.zeros(n, dtype=xa.dtype, device=xa.device).index_add_(0, r_idx, v)
+    ll = (m + tot.log()).sum(dtype=torch.float64)
+    keep = (tot * resp_threshold).clamp_min_(math.exp(cut))
+    sel = (v > keep[r_idx]).nonzero(as_tuple=True)[0]
+    r_idx, k_idx = r_idx[sel], k_idx[sel]
+    r = v[sel].div_(tot[r_idx])
+    return _sparse_stats(xa, r_idx, k_idx, pair_slice=slice(None), r=r, k=len(perm)), ll, len(r)
+
+
 def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.device | str, dtype: torch.dtype,
                  shift: torch.Tensor | None = None, resp_threshold: float = 0.0, sparse_density: float = 0.02,
-                 workspace: Workspace | None = None) -> SuffStats:
+                 workspace: Workspace | None = None, screen: bool | None = None) -> SuffStats:
     """One fused pass: log-likelihood and the M-step statistics under ``gmm`` (rows minus ``shift``).
 
     Per chunk: xa = [x², x, 1]; lp = xa @ W; lp − max → clamp at EXP_CUT → exp → ÷ row sum (in place,
@@ -201,6 +428,9 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
     the responsibilities of the chunk's first 1024 rows are non-zero (above e^EXP_CUT and above
     ``resp_threshold``), as a sparse [K, n] × [n, 2D+1] product over the non-zero entries only.
     Both are summed in the compute dtype within a chunk and in float64 across chunks.
+    ``screen`` (default: float32 on a device with fast bf16 products) first drops the modes that a bf16
+    product proves to be clamped (module docstring); a chunk with more than ``sparse_density``
+    candidate pairs takes the plain path.
     """
     k, d = gmm.num_modes, rows.num_features
     ws = workspace or Workspace()
@@ -208,10 +438,29 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
     w = _terms(gmm, dtype, device, None).weight
     cut = EXP_CUT[dtype]
     floor = math.exp(cut)
+    if screen is None:
+        screen = dtype == torch.float32 and fast_bf16(device)
+    screen = screen and dtype == torch.float32 and sparse_density > 0
+    if screen and ws.screen_skip > 0:  # it failed on every chunk lately: retry with exponential backoff
+        ws.screen_skip -= 1
+        screen = False
+    if screen:
+        sc = Screen.build(gmm, w)
+        w_perm = sc.w_ext[:, :k].contiguous()
     loglik = torch.zeros((), dtype=torch.float64, device=device)
     for _, x in rows.chunks(chunk_rows, device, dtype):
         n = len(x)
         xa = augment_into(ws.get("xa", n, 2 * d + 1, dtype, device, fill_last_col=1.0), x, shift)
+        pairs = _screen_candidates(xa, sc, ws, cut, sparse_density) if screen else None
+        if pairs is not None:
+            for acc, ll, nnz in _row_parallel(_screened_stats, xa, *pairs, w=w_perm, perm=sc.perm, cut=cut,
+                                              resp_threshold=resp_threshold):
+                st.acc += acc.to(torch.float64)
+                loglik += ll
+                st.nnz += nnz
+            st.screened_chunks += 1
+            st.n += n
+            continue
         p = torch.mm(xa, w, out=ws.get("p", n, k, dtype, device))   # [n, K] log w_k + log N(x | k)
         m = p.amax(1, keepdim=True)
         p.sub_(m).clamp_min_(cut).exp_()
@@ -222,9 +471,8 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
         if int((p[head] > keep[head]).sum()) <= sparse_density * p[head].numel():
             r_idx, k_idx = (p > keep).nonzero(as_tuple=True)
             r = p[r_idx, k_idx].div_(tot[r_idx, 0])
-            resp = torch.sparse_coo_tensor(torch.stack([k_idx, r_idx]), r, (k, n), is_coalesced=False,
-                                           check_invariants=False)
-            st.acc += torch.sparse.mm(resp, xa).to(torch.float64)
+            for acc in _row_parallel(_sparse_stats, xa, r_idx, k_idx, r=r, k=k):
+                st.acc += acc.to(torch.float64)
             st.nnz += len(r)
         else:
             if resp_threshold > 0:
@@ -232,6 +480,9 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
             st.acc += (p.div_(tot).T @ xa).to(torch.float64)
             st.dense_chunks += 1
         st.n += n
+    if screen:
+        ws.screen_fails = 0 if st.screened_chunks else ws.screen_fails + 1
+        ws.screen_skip = 2 ** min(ws.screen_fails, 4) - 1
     st.loglik = float(loglik)
     return st
 
@@ -279,12 +530,14 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
                  max_iter: int = 100, tol: float = 1e-3, seed: int = 0, init: str | DiagGMM = "k-means++",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
                  chunk_rows: int | None = None, center: bool | None = None, resp_threshold: float = 0.0,
-                 sparse_density: float = 0.02, num_rows: int | None = None, progress: bool = False) -> GMMFit:
+                 sparse_density: float = 0.02, num_rows: int | None = None, progress: bool = False,
+                 screen: bool | None = None) -> GMMFit:
     """Fit a K-mode diagonal GMM by EM (see the module docstring for the algorithm and the options).
 
     ``data`` is a [N, D] tensor/array (kept where it is; chunks are moved to ``device``), a
     ``read(start, stop)`` callable with ``num_rows``, or a :class:`Rows`. ``center`` (default: on for
     float32) subtracts the data mean before the matrix products; results are in the data's coordinates.
+    ``screen``: the bf16 screen of :func:`e_step_stats` (default: float32 on a device with fast bf16).
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -342,6 +595,7 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
 
     trace: list[float] = []
     dense_share: list[float] = []
+    screen_share: list[float] = []
     num_chunks = -(-n // chunk_rows)
     ws = Workspace()
     converged = False
@@ -350,16 +604,18 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
     n_iter = 0
     for n_iter in bar:
         st = e_step_stats(gmm, rows, chunk_rows=chunk_rows, device=device, dtype=dtype, shift=_cast(shift, dtype),
-                          resp_threshold=resp_threshold, sparse_density=sparse_density, workspace=ws)
+                          resp_threshold=resp_threshold, sparse_density=sparse_density, workspace=ws,
+                          screen=screen)
         ll = st.loglik / n
         if not math.isfinite(ll):
             raise FloatingPointError(f"EM iteration {n_iter}: log-likelihood is {ll} (degenerate data or modes)")
         trace.append(ll)
         dense_share.append(st.dense_chunks / num_chunks)
+        screen_share.append(st.screened_chunks / num_chunks)
         gmm = st.m_step(reg_covar)
         bar.set_postfix(ll=f"{ll:.6g}", dense=st.dense_chunks)
-        log.debug("EM iteration %d: mean log-likelihood %.10g; %d dense chunks, %d sparse responsibilities",
-                  n_iter, ll, st.dense_chunks, st.nnz)
+        log.debug("EM iteration %d: mean log-likelihood %.10g; %d dense chunks, %d screened, %d sparse "
+                  "responsibilities", n_iter, ll, st.dense_chunks, st.screened_chunks, st.nnz)
         if abs(ll - prev) < tol:
             converged = True
             break
@@ -369,7 +625,7 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
     gmm = gmm.to("cpu", torch.float64)
     settings = {"chunk_rows": chunk_rows, "device": device, "dtype": dtype}
     return GMMFit(gmm, trace, n_iter, converged, init_name, time.perf_counter() - t0, init_seconds, seed_rows,
-                  settings, dense_share)
+                  settings, dense_share, screen_share)
 
 
 def fit_sklearn(x: np.ndarray, n_components: int, *, reg_covar: float = 1e-6, max_iter: int = 100,

@@ -218,3 +218,81 @@ def test_stage_on_toy_data_both_backends_and_errors(tmp_path):
                         str(tmp_path / "g.safetensors"))
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith("error: latent store not found:")
+
+
+# -- the bf16 screen (float32) -------------------------------------------------------------------------
+
+def _float32_fits(x: np.ndarray, k: int, **kw) -> tuple:
+    """The same float32 fit with the bf16 screen forced on and off."""
+    xt = torch.from_numpy(x).float()
+    on = fit_diag_gmm(xt, k, dtype=torch.float32, screen=True, **kw)
+    off = fit_diag_gmm(xt, k, dtype=torch.float32, screen=False, **kw)
+    assert on.seed_rows == off.seed_rows and sum(off.screen_share) == 0
+    return on, off
+
+
+def test_bf16_screen_equals_plain_float32_on_separated_data():
+    """Well separated modes: every chunk is screened and only the float32 summation order changes, so the
+    screened fit is as close to the float64 fit as the plain float32 one (variances of tight modes far
+    from the mean carry float32 cancellation: ~1e-4 relative on both)."""
+    x = mixture_data(6000, 32, 40, seed=11, sep=3.0) + 5.0
+    kw = dict(tol=0, max_iter=6, seed=2, chunk_rows=5000, sparse_density=0.1)  # a 5000-row and a 1000-row chunk
+    on, off = _float32_fits(x, 64, **kw)
+    f64 = fit_diag_gmm(x, 64, **kw)
+    assert on.screen_share == [1.0] * 6
+    np.testing.assert_allclose(on.log_likelihood, off.log_likelihood, rtol=1e-6)
+    for name in ("means", "variances", "weights"):
+        ref = getattr(f64.gmm, name).numpy()
+        err_on, err_off = (np.abs(getattr(f.gmm, name).numpy() - ref).max() / np.abs(ref).max() for f in (on, off))
+        assert err_on <= 2 * err_off + 1e-7 and err_on < 1e-4, (name, err_on, err_off)
+
+
+def test_bf16_screen_falls_back_on_overlapping_data():
+    """Heavily overlapping modes: too many candidates, so the chunks take the plain path (same result)."""
+    x = mixture_data(3000, 16, 10, seed=12, sep=0.1)
+    on, off = _float32_fits(x, 32, tol=0, max_iter=4, seed=3)
+    assert sum(on.screen_share) == 0
+    np.testing.assert_allclose(on.log_likelihood, off.log_likelihood, rtol=1e-12)
+    np.testing.assert_allclose(on.gmm.means.numpy(), off.gmm.means.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_screen_keeps_every_mode_within_the_exp_cut():
+    """The bound is rigorous: every (row, mode) whose float32 log-density is within −EXP_CUT of the row's
+    best is a candidate, also with a near-degenerate mode (variance ≈ reg_covar) and an offset."""
+    from sourceflow.gmm.em import EXP_CUT, Screen, Workspace, _screen_candidates, augment_into
+
+    rng = np.random.default_rng(13)
+    n, d, k = 2500, 24, 48
+    mu, sd = rng.normal(size=(k, d)) * 2.5, rng.uniform(0.3, 1.5, (k, d))
+    x = torch.from_numpy(mu[rng.integers(0, k, n)] + 3.0 + rng.normal(size=(n, d)) * sd.max()).float()
+    shift = x.double().mean(0).float()
+    means = torch.from_numpy(mu + 3.0 + rng.normal(size=(k, d)) * 0.1) - shift.double()
+    var = torch.from_numpy(sd**2 * rng.uniform(0.8, 1.25, (k, d)))
+    var[5] = 1e-6  # a mode sitting on (near) one point
+    g = DiagGMM(torch.from_numpy(rng.dirichlet(np.ones(k))), means, var)
+    w = g.terms(torch.float32).weight
+    sc = Screen.build(g, w)
+    xa = torch.empty(n, 2 * d + 1)
+    xa[:, -1] = 1
+    augment_into(xa, x, shift)
+    cut = EXP_CUT[torch.float32]
+    r, kk = _screen_candidates(xa, sc, Workspace(), cut, density=2.0)
+    cand = torch.zeros(n, k, dtype=torch.bool)
+    cand[r, sc.perm[kk]] = True
+    q = xa @ w
+    needed = q - q.amax(1, keepdim=True) > cut
+    assert not (needed & ~cand).any()
+    assert cand.sum() < 0.2 * n * k  # and it does prune
+
+
+def test_nonzero_rows_cols_equals_nonzero():
+    from sourceflow.gmm.em import nonzero_rows_cols
+
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(1, 5), (37, 13), (200, 64)]:
+        mask = torch.zeros(n, -(-k // 8) * 8, dtype=torch.bool)
+        mask[:, :k] = torch.rand(n, k, generator=g) < 0.05
+        mask[n // 2, k - 1] = True
+        r, c = nonzero_rows_cols(mask, k)
+        r0, c0 = mask[:, :k].nonzero(as_tuple=True)
+        assert torch.equal(r, r0) and torch.equal(c, c0)
