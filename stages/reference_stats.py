@@ -67,8 +67,9 @@ def image_mode(a) -> None:
     import numpy as np
     import torch
 
+    from sourceflow.data.images import iter_image_batches
     from sourceflow.data.manifest import read_manifest
-    from sourceflow.metrics.features import iter_image_batches, load_feature_extractor
+    from sourceflow.metrics.features import load_feature_extractor
     from sourceflow.metrics.frechet import FeatureStats, save_reference_npz
     from sourceflow.metrics.prdc import label_histogram
 

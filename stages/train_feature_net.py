@@ -48,10 +48,9 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from sourceflow.data.images import to_model_range
+    from sourceflow.data.images import load_images, to_model_range
     from sourceflow.data.manifest import manifest_hash, read_manifest
     from sourceflow.io import write_json
-    from sourceflow.metrics.features import load_images
     from sourceflow.models.feature_net import FeatureNet, FeatureNetConfig
 
     t_start = time.perf_counter()

@@ -6,6 +6,8 @@ Model range is [-1, 1] channels-first float32; stored and sampled images are uin
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +16,8 @@ from PIL import Image, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
+
+    from sourceflow.data.manifest import Manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -95,3 +99,28 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
         raise ValueError(f"to_uint8 expects [B, 3, H, W] images, got shape {tuple(x.shape)}")
     x = ((x.to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return x.movedim(-3, -1).cpu().numpy()
+
+
+def iter_image_batches(manifest: Manifest, resolution: int, batch_size: int, workers: int = 1,
+                       desc: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, uint8 [B, R, R, 3]) over the manifest's rows in order, decoded by a thread pool
+    (Pillow releases the GIL), with a tqdm bar on stderr when ``desc`` is given."""
+    from multiprocessing.pool import ThreadPool
+
+    from tqdm import tqdm
+
+    n = len(manifest.frame)
+    paths = [manifest.abspath(i) for i in range(n)]
+    bar = tqdm(total=n, desc=desc, unit="img", file=sys.stderr, mininterval=1.0, disable=desc is None)
+    with ThreadPool(max(1, workers)) as pool, bar:
+        for start in range(0, n, batch_size):
+            chunk = paths[start:start + batch_size]
+            images = pool.map(lambda p: load_image(p, resolution), chunk) if workers > 1 else \
+                [load_image(p, resolution) for p in chunk]
+            bar.update(len(chunk))
+            yield start, np.stack(images)
+
+
+def load_images(manifest: Manifest, resolution: int, workers: int = 1, desc: str | None = None) -> np.ndarray:
+    """All of a (small) manifest's images as uint8 [N, R, R, 3]."""
+    return np.concatenate([b for _, b in iter_image_batches(manifest, resolution, 1024, workers, desc)])

@@ -12,16 +12,12 @@ pool3 features). The weights file is never downloaded here: it is read from a co
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from sourceflow.data.manifest import Manifest
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -164,36 +160,6 @@ def load_feature_extractor(kind: str, path: str | Path, device: str | torch.devi
     if kind == "feature-net":
         return FeatureNetFeatures(path, device)
     raise ValueError(f"unknown feature extractor {kind!r} (choose inception or feature-net)")
-
-
-# --- reading a manifest's images in batches -------------------------------------------------------------
-
-
-def iter_image_batches(manifest: Manifest, resolution: int, batch_size: int, workers: int = 1,
-                       desc: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, uint8 [B, R, R, 3]) over the manifest's rows in order, decoded by a thread pool
-    (Pillow releases the GIL), with a tqdm bar on stderr when ``desc`` is given."""
-    from multiprocessing.pool import ThreadPool
-
-    from tqdm import tqdm
-
-    from sourceflow.data.images import load_image
-
-    n = len(manifest.frame)
-    paths = [manifest.abspath(i) for i in range(n)]
-    bar = tqdm(total=n, desc=desc, unit="img", file=sys.stderr, mininterval=1.0, disable=desc is None)
-    with ThreadPool(max(1, workers)) as pool, bar:
-        for start in range(0, n, batch_size):
-            chunk = paths[start:start + batch_size]
-            images = pool.map(lambda p: load_image(p, resolution), chunk) if workers > 1 else \
-                [load_image(p, resolution) for p in chunk]
-            bar.update(len(chunk))
-            yield start, np.stack(images)
-
-
-def load_images(manifest: Manifest, resolution: int, workers: int = 1, desc: str | None = None) -> np.ndarray:
-    """All of a (small) manifest's images as uint8 [N, R, R, 3]."""
-    return np.concatenate([b for _, b in iter_image_batches(manifest, resolution, 1024, workers, desc)])
 
 
 def extract_features(extractor: FeatureExtractor, images_uint8: np.ndarray, batch_size: int = 256,
