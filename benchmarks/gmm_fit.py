@@ -5,7 +5,9 @@ weights normalised so sklearn accepts them as weights_init/means_init/precisions
 number of EM iterations (tol=0). Data: a random diagonal GMM (means ~ N(0, sep²), std ~ U(0.5, 1.5),
 seeded). Both sides get the same threads (torch.set_num_threads and threadpoolctl for numpy/scipy
 BLAS). The final models are scored in float64 on the data (mean log-likelihood per row); the table
-also shows the last value of each log-likelihood trace and the relative difference.
+also shows the last value of each log-likelihood trace and the relative difference, and which share of
+the chunks took the dense statistics path / the bf16 screen (float32 on AMX or CUDA, D ≥ 128) in the
+last iteration.
 
 Prints a markdown table (and the machine load, since the timings depend on it); --json writes the rows.
 
@@ -97,19 +99,20 @@ def main() -> None:
                          "speedup": t_sk / t_ours, "sklearn_ll": sk_score, "ours_ll": ours_score,
                          "rel_diff": abs(ours_score - sk_score) / abs(sk_score),
                          "trace_rel_diff": abs(ours.log_likelihood[-1] - sk.log_likelihood[-1]) / abs(sk.log_likelihood[-1]),
-                         "dense_share": ours.dense_share[-1], "load_before": load_before, "load_after": load()})
+                         "dense_share": ours.dense_share[-1], "screen_share": ours.screen_share[-1],
+                         "load_before": load_before, "load_after": load()})
             r = rows[-1]
             print(f"  {r['case']} ours/{name}: sklearn {t_sk:.2f} s, ours {t_ours:.2f} s ({r['speedup']:.1f}x), "
                   f"rel. diff {r['rel_diff']:.1e}; load {load_before} -> {r['load_after']}", file=sys.stderr, flush=True)
 
     print()
     print("| data | ours dtype | sklearn s | ours s | speedup | sklearn mean log-lik | ours mean log-lik | rel. diff "
-          "| last-trace rel. diff | dense chunks (last it.) | load avg before → after |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| last-trace rel. diff | dense chunks (last it.) | bf16-screened chunks (last it.) | load avg before → after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['dtype']} | {r['sklearn_s']:.2f} | {r['ours_s']:.2f} | {r['speedup']:.1f}× | "
               f"{r['sklearn_ll']:.10g} | {r['ours_ll']:.10g} | {r['rel_diff']:.1e} | {r['trace_rel_diff']:.1e} | "
-              f"{r['dense_share']:.0%} | {r['load_before']} → {r['load_after']} |")
+              f"{r['dense_share']:.0%} | {r['screen_share']:.0%} | {r['load_before']} → {r['load_after']} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine(), "args": vars(a), "rows": rows}, indent=2) + "\n")
 

@@ -18,19 +18,21 @@ order of summation. ``resp_threshold`` > 0 also drops entries ≤ that value (an
 default). ``dtype=torch.float32`` runs the matrix products in float32 (statistics still summed in
 float64, data centred on its mean first to limit cancellation in x² terms); float64 is the exact mode.
 
-bf16 screen (float32 only, on a CPU with AMX/AVX512-BF16 or a CUDA device; ``screen``): the [rows, K]
-log-densities are first computed with bf16 operands (fp32 accumulation; ~4x faster on AMX) together
-with a per-row bound B_i on their error, and modes that provably sit more than −EXP_CUT below the
-row's best mode are dropped: their responsibility is the clamped floor, which the float32 path treats
-as zero in the statistics and which is < float32 eps beside the row sum (≥ 1) in the log-likelihood.
-Only the remaining (row, mode) pairs get exact float32 log-densities (a sampled dense-dense product),
-so the result equals the plain float32 path up to the order of float32 summation. A chunk whose
-candidate pairs exceed ``sparse_density`` takes the plain path. Error bound (see :class:`Screen`):
-with bf(a) = a(1+δ), |δ| ≤ 2^-8 (any rounding mode) and fp32 accumulation over n = 2D+1 terms
-(γ_n = n·2^-24/(1−n·2^-24)), |q̃_ik − q_ik| ≤ (2^-7 + 2^-16 + γ_n(1+2^-8)²)·S_ik and the float32
-product itself is within γ_n·S_ik of the exact value, S_ik = Σ_j |xa_ij|·|W_jk|; so with
-S_i ≥ max_k S_ik and c = 2^-7 + 2^-16 + 2.1·γ_n, B_i = c·S_i bounds |q̃_ik − q32_ik|. A mode with
-q̃_ik < max_k q̃_ik + EXP_CUT − 2·B_i then has q32_ik < max_k q32_ik + EXP_CUT.
+bf16 screen (float32 only; by default for D ≥ 128 on a CPU with AMX/AVX512-BF16 or a CUDA device):
+the [rows, K] log-densities are first computed with bf16 operands (fp32 accumulation; ~4x faster on
+AMX) with a rigorous per-(row, mode group) bound on their error, and the modes that provably sit more
+than −EXP_CUT below the row's best are dropped: the float32 path clamps them to e^EXP_CUT, leaves them
+out of the statistics, and their ≤ K·e^-87 in the row sum (≥ 1) is below float32 resolution. Only the
+remaining (row, mode) pairs get exact float32 log-densities (a sampled dense-dense product), then the
+plain path's max/clamp/exp/sum/sparse statistics on them: the result equals the plain float32 path up
+to the order of float32 summation. A chunk with more candidates than ``sparse_density`` takes the
+plain path. The bound (:class:`Screen`): bf(a) = a(1+δ) with |δ| ≤ 2^-8 (any rounding mode) for both
+operands and the bf16 result, fp32 accumulation over n = 2D+1 terms (γ_n = n·2^-24/(1−n·2^-24)) and
+the float32 product's own γ_n·S_ik give |q̃_ik − q32_ik| ≤ c·S_ik with S_ik = Σ_j |xa_ij|·|W_jk| and
+c = 2^-7 + 2^-16 + 2.1·γ_n + 2^-8·(1+c₀) ≈ 0.012 at D = 768. S_ik ≤ xa_i·s_g for the mode's group g
+(one extra non-negative column per group in the same bf16 product, which comes out ≥ (1−c)·xa_i·s_g),
+so B̂_ik = c/(1−c)·(xa_i·s_g)~ bounds the error; L_i = max_k(q̃_ik − B̂_ik) ≤ max_k q32_ik, and (i, k)
+is dropped only when q̃_ik + B̂_ik < L_i + EXP_CUT, i.e. q32_ik < max_k q32_ik + EXP_CUT.
 
 Init (``init``): ``"k-means++"`` — sklearn's k-means++ seed rows (:mod:`sourceflow.gmm.kmeans`), turned
 into parameters the way sklearn does (one-hot responsibilities on the seed rows: w = (1+10·eps)/N, not
@@ -228,6 +230,9 @@ def fast_bf16(device: torch.device | str) -> bool:
     return bool(amx or avx) and hasattr(torch.backends.mkldnn, "matmul")
 
 
+# the screen's default needs D ≥ this: below it the float32 product is cheap next to the element-wise
+# work on the [rows, K] block, which the screen has too (measured: no gain at D = 64)
+SCREEN_MIN_FEATURES = 128
 # unit roundoff terms of the screen's error bound (module docstring): operands rounded to bf16 with a
 # relative error ≤ 2^-8 each (holds for truncation too, RNE gives 2^-9)
 BF16_REL = 2.0**-8
@@ -302,13 +307,16 @@ class Screen:
             bounds.append((start, start + size))
             start += size
         w_ext = torch.cat([w[:, perm], torch.stack(cols, 1).to(w.dtype)], 1)
-        return cls(w_ext, perm, bounds, screen_constant(2 * d + 1, bf16_output=True), w_ext.to(torch.bfloat16))
+        c = screen_constant(2 * d + 1, bf16_output=True)
+        return cls(w_ext, perm, bounds, c, w_ext.to(torch.bfloat16))
 
-    def candidates(self, q: torch.Tensor, mask: torch.Tensor, cut: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidates(self, q: torch.Tensor, mask: torch.Tensor, cut: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, permuted columns) whose exact float32 log-density may lie within −``cut`` of the row's
         best, from the bf16 product q [n, K+G] (consumed; ``mask``: a [n, ≥K] bool buffer, columns ≥ K
         False, width a multiple of 8): with B̂_ik = c/(1−c)·S̃_i,g(k) ≥ |q̃_ik − q32_ik|,
-        L_i = max_k q̃_ik − B̂_ik ≤ max_k q32_ik, and pair (i, k) is dropped when q̃_ik + B̂_ik < L_i + cut."""
+        L_i = max_k q̃_ik − B̂_ik ≤ max_k q32_ik, and pair (i, k) is dropped when
+        q̃_ik + B̂_ik < L_i + cut."""
         k = self.k
         # 1% and 2^-20·|L| cover the float32 rounding of these few operations
         b = q[:, k:].mul_(1.01 * self.c / (1 - self.c))                      # [n, G]
@@ -321,7 +329,8 @@ class Screen:
         return nonzero_rows_cols(mask, k)
 
 
-def _approx_mm(xa: torch.Tensor, w_bf16: torch.Tensor, xa_bf16: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _approx_mm(xa: torch.Tensor, w_bf16: torch.Tensor, xa_bf16: torch.Tensor, out: torch.Tensor
+               ) -> torch.Tensor:
     """xa @ w with bf16 operands (fp32 accumulation, bf16 result, widened into ``out``)."""
     return out.copy_(torch.mm(xa_bf16.copy_(xa), w_bf16))
 
@@ -342,15 +351,20 @@ def _screen_candidates(xa: torch.Tensor, sc: Screen, ws: Workspace, cut: float, 
     candidates: judged on the first ``head_rows`` rows first (against half of ``density``, so that a
     chunk near the limit does not pay for a full product in vain), then on the whole chunk."""
     n, k = xa.shape[0], sc.k
-    q = ws.get("q", n, sc.w_ext.shape[1], xa.dtype, xa.device)
-    xb = ws.get("xa_bf16", n, xa.shape[1], torch.bfloat16, xa.device)
-    mask = ws.get("mask", n, -(-k // 8) * 8, torch.bool, xa.device, fill=False)
+
+    def pairs(a: int, b: int, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # head and tail use separate buffers: a chunk that fails on its head allocates no big ones
+        q = ws.get("q" + part, b - a, sc.w_ext.shape[1], xa.dtype, xa.device)
+        xb = ws.get("xa_bf16" + part, b - a, xa.shape[1], torch.bfloat16, xa.device)
+        mask = ws.get("mask" + part, b - a, -(-k // 8) * 8, torch.bool, xa.device, fill=False)
+        return sc.candidates(_approx_mm(xa[a:b], sc.w_bf16, xb, q), mask, cut)
+
     h = min(n, head_rows)
-    r, kk = sc.candidates(_approx_mm(xa[:h], sc.w_bf16, xb[:h], q[:h]), mask[:h], cut)
+    r, kk = pairs(0, h, "_head")
     if len(r) > density * h * k * (0.5 if n > h else 1.0):
         return None
     if n > h:
-        r2, k2 = sc.candidates(_approx_mm(xa[h:], sc.w_bf16, xb[h:], q[h:]), mask[h:], cut)
+        r2, k2 = pairs(h, n, "")
         if len(r) + len(r2) > density * n * k:
             return None
         r, kk = torch.cat([r, r2 + h]), torch.cat([kk, k2])
@@ -364,8 +378,8 @@ def _exact_pairs(xa: torch.Tensor, w: torch.Tensor, r: torch.Tensor, kk: torch.T
     torch.cumsum(torch.bincount(r, minlength=n), 0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        mask = torch.sparse_csr_tensor(crow, kk, torch.zeros(len(r), dtype=xa.dtype, device=xa.device), (n, k),
-                                       check_invariants=False)
+        zeros = torch.zeros(len(r), dtype=xa.dtype, device=xa.device)
+        mask = torch.sparse_csr_tensor(crow, kk, zeros, (n, k), check_invariants=False)
         return torch.sparse.sampled_addmm(mask, xa, w, beta=0.0).values()
 
 
@@ -385,8 +399,9 @@ def _row_parallel(fn, xa: torch.Tensor, r_idx: torch.Tensor, k_idx: torch.Tensor
         _POOL = ThreadPoolExecutor(parts, thread_name_prefix="sourceflow-em")
     cuts = [n * i // parts for i in range(parts + 1)]
     at = torch.searchsorted(r_idx, torch.tensor(cuts, device=r_idx.device)).tolist()
-    jobs = [_POOL.submit(fn, xa[cuts[i]:cuts[i + 1]], r_idx[at[i]:at[i + 1]] - cuts[i], k_idx[at[i]:at[i + 1]],
-                         pair_slice=slice(at[i], at[i + 1]), **kw) for i in range(parts)]
+    jobs = [_POOL.submit(fn, xa[cuts[i]:cuts[i + 1]], r_idx[at[i]:at[i + 1]] - cuts[i],
+                         k_idx[at[i]:at[i + 1]], pair_slice=slice(at[i], at[i + 1]), **kw)
+            for i in range(parts)]
     return [j.result() for j in jobs]
 
 
@@ -428,9 +443,9 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
     the responsibilities of the chunk's first 1024 rows are non-zero (above e^EXP_CUT and above
     ``resp_threshold``), as a sparse [K, n] × [n, 2D+1] product over the non-zero entries only.
     Both are summed in the compute dtype within a chunk and in float64 across chunks.
-    ``screen`` (default: float32 on a device with fast bf16 products) first drops the modes that a bf16
-    product proves to be clamped (module docstring); a chunk with more than ``sparse_density``
-    candidate pairs takes the plain path.
+    ``screen`` (default: float32, D ≥ SCREEN_MIN_FEATURES, a device with fast bf16) first drops the
+    modes that a bf16 product proves to be clamped (module docstring); a chunk with more than
+    ``sparse_density`` candidate pairs takes the plain path.
     """
     k, d = gmm.num_modes, rows.num_features
     ws = workspace or Workspace()
@@ -439,7 +454,7 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
     cut = EXP_CUT[dtype]
     floor = math.exp(cut)
     if screen is None:
-        screen = dtype == torch.float32 and fast_bf16(device)
+        screen = dtype == torch.float32 and d >= SCREEN_MIN_FEATURES and fast_bf16(device)
     screen = screen and dtype == torch.float32 and sparse_density > 0
     if screen and ws.screen_skip > 0:  # it failed on every chunk lately: retry with exponential backoff
         ws.screen_skip -= 1
@@ -537,7 +552,7 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
     ``data`` is a [N, D] tensor/array (kept where it is; chunks are moved to ``device``), a
     ``read(start, stop)`` callable with ``num_rows``, or a :class:`Rows`. ``center`` (default: on for
     float32) subtracts the data mean before the matrix products; results are in the data's coordinates.
-    ``screen``: the bf16 screen of :func:`e_step_stats` (default: float32 on a device with fast bf16).
+    ``screen``: the bf16 screen of :func:`e_step_stats` (default: float32, D ≥ 128, fast bf16 device).
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
