@@ -11,7 +11,7 @@ Layout (a Zarr v3 group, e.g. ``results/{dataset}/{encoder}/latents.zarr``):
 - Group attributes: encoder, weights, encoder_options, resolution, manifest_hash, split, flips,
   num_images (M), shard_rows, cls_dim, spatial_shape, layout_version, complete.
 
-Writing (``LatentWriter``): the store is created once, atomically (built in a temporary folder and
+Writing (``LatentWriter``, on the generic row-sharded writer of ``sourceflow.store.sharded``): the store is created once, atomically (built in a temporary folder and
 renamed). Writers reopen it read-write; each process owns whole shards (Zarr 3 writers that share a
 shard lose rows silently). A shard is written in one call per array (a full-shard write: Zarr writes
 the shard file to a temporary name and renames it), the files are fsynced, and only then is a small
@@ -27,24 +27,20 @@ extraction ends byte-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sourceflow.store.sharded import DONE_DIR, ShardedWriter, create_sharded_group, jsonable
+
 ARRAYS = ("cls", "spatial", "index", "flip")
 DTYPES = {"cls": "float32", "spatial": "float32", "index": "int64", "flip": "uint8"}
 LAYOUT_VERSION = 1
-DONE_DIR = "_done"
 # Attributes that say what a store holds: a store is resumed only if all of these match.
 IDENTITY_KEYS = ("encoder", "weights", "encoder_options", "resolution", "manifest_hash", "split", "flips",
                  "num_images", "shard_rows", "cls_dim", "spatial_shape", "compressor", "layout_version")
-CHUNK_TARGET_BYTES = 4 << 20
 
 
 def _zarr():
@@ -64,21 +60,6 @@ def expected_index_flip(image_index: np.ndarray, flips: bool) -> tuple[np.ndarra
     if flips:
         return np.concatenate([idx, idx]), np.concatenate([np.zeros(m, np.uint8), np.ones(m, np.uint8)])
     return idx.copy(), np.zeros(m, np.uint8)
-
-
-def chunk_rows(shard_rows: int, row_bytes: int, target: int = CHUNK_TARGET_BYTES) -> int:
-    """Rows per inner chunk: the largest divisor of ``shard_rows`` whose chunk stays under ``target`` bytes
-    (at least 1), so a random row read touches at most a few MiB."""
-    best = 1
-    for d in range(1, shard_rows + 1):
-        if shard_rows % d == 0 and d * row_bytes <= target:
-            best = d
-    return best
-
-
-def _jsonable(attrs: dict) -> dict:
-    """Attributes as they come back from JSON (tuples become lists), for comparisons."""
-    return json.loads(json.dumps(attrs))
 
 
 class LatentStore:
@@ -175,143 +156,38 @@ class LatentStore:
             yield first, {n: pending[n][offset:] for n in names}
 
 
-class LatentWriter:
+class LatentWriter(ShardedWriter):
     """Creates, resumes and completes a store; each process writes whole shards (see module docstring)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        zarr = _zarr()
-        self.group = zarr.open_group(str(path), mode="r+")
-        self.attrs = dict(self.group.attrs)
-        # write_empty_chunks is a runtime setting (not stored): without it an all-zero shard (e.g. the
-        # flip column of unflipped rows) would not be written at all and could not be told from a missing one.
-        self.arrays = {n: self.group[n].with_config({"write_empty_chunks": True}) for n in ARRAYS}
-        self.num_rows = int(self.arrays["cls"].shape[0])
-        self.shard_rows = int(self.attrs["shard_rows"])
-        self.num_shards = -(-self.num_rows // self.shard_rows)
+        super().__init__(path, ARRAYS)
 
     # -- creation and identity -------------------------------------------------------------------
     @staticmethod
     def create(path: str | Path, identity: dict, *, cls_dim: int, spatial_shape: Sequence[int],
                num_images: int, flips: bool, shard_rows: int, compressor: str = "none") -> None:
         """Create an empty store at ``path`` (must not exist), atomically: temp folder + rename."""
-        zarr = _zarr()
-        path = Path(path)
-        if path.exists():
-            raise ValueError(f"{path}: already exists")
-        if shard_rows < 1:
-            raise ValueError(f"shard_rows must be positive, got {shard_rows}")
         n = num_rows_of(num_images, flips)
         if n < 1:
             raise ValueError(f"{path}: no rows to store (num_images={num_images})")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
-            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            shapes = {"cls": (n, int(cls_dim)), "spatial": (n, *(int(s) for s in spatial_shape)),
-                      "index": (n,), "flip": (n,)}
-            codecs = _compressors(compressor)
-            for name in ARRAYS:
-                shape = shapes[name]
-                row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(DTYPES[name]).itemsize
-                rows = chunk_rows(shard_rows, row_bytes)
-                group.create_array(name, shape=shape, dtype=DTYPES[name], chunks=(rows, *shape[1:]),
-                                   shards=(shard_rows, *shape[1:]), compressors=codecs, fill_value=0,
-                                   config={"write_empty_chunks": True})
-            attrs = dict(identity)
-            attrs.update(num_images=int(num_images), flips=bool(flips), shard_rows=int(shard_rows),
-                         cls_dim=int(cls_dim), spatial_shape=[int(s) for s in spatial_shape],
-                         compressor=compressor, layout_version=LAYOUT_VERSION, complete=False)
-            group.attrs.update(_jsonable(attrs))
-            (tmp / DONE_DIR).mkdir()
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+        shapes = {"cls": (n, int(cls_dim)), "spatial": (n, *(int(x) for x in spatial_shape)), "index": (n,),
+                  "flip": (n,)}
+        attrs = dict(identity)
+        attrs.update(num_images=int(num_images), flips=bool(flips), cls_dim=int(cls_dim),
+                     spatial_shape=[int(x) for x in spatial_shape], layout_version=LAYOUT_VERSION)
+        create_sharded_group(path, {k: (shapes[k], DTYPES[k]) for k in ARRAYS}, shard_rows, attrs, compressor)
 
     @staticmethod
     def identity_mismatch(path: str | Path, identity: dict) -> dict[str, tuple[Any, Any]]:
         """Identity attributes of the store at ``path`` that differ from ``identity``: {key: (stored, wanted)}."""
         stored = dict(_zarr().open_group(str(path), mode="r").attrs)
-        want = _jsonable(identity)
+        want = jsonable(identity)
         return {k: (stored.get(k), want[k]) for k in IDENTITY_KEYS if k in want and stored.get(k) != want[k]}
-
-    # -- shards ---------------------------------------------------------------------------------
-    def shard_range(self, s: int) -> tuple[int, int]:
-        return s * self.shard_rows, min((s + 1) * self.shard_rows, self.num_rows)
-
-    def marker(self, s: int) -> Path:
-        return self.path / DONE_DIR / f"shard_{s:06d}.json"
-
-    def shard_files(self, s: int) -> dict[str, Path]:
-        """The file of shard ``s`` of every array, relative to the store (a full-row shard key)."""
-        out = {}
-        for name, arr in self.arrays.items():
-            key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
-            out[name] = self.path / name / key
-        return out
-
-    def done_shards(self) -> set[int]:
-        d = self.path / DONE_DIR
-        if not d.is_dir():
-            return set()
-        return {int(p.stem.split("_")[1]) for p in d.glob("shard_*.json")}
-
-    def pending_shards(self) -> list[int]:
-        done = self.done_shards()
-        return [s for s in range(self.num_shards) if s not in done]
-
-    def clean_partial_files(self) -> int:
-        """Delete temporary ``*.partial`` files a killed Zarr write leaves behind; returns how many."""
-        n = 0
-        for p in self.path.rglob("*.partial"):
-            p.unlink(missing_ok=True)
-            n += 1
-        return n
-
-    def write_shard(self, s: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write all rows of shard ``s`` of every array, fsync the files, then write its done marker."""
-        a, b = self.shard_range(s)
-        for name in ARRAYS:
-            if name not in arrays:
-                raise KeyError(f"write_shard: missing array {name!r}")
-            shape = (b - a, *self.arrays[name].shape[1:])
-            if tuple(arrays[name].shape) != shape:
-                raise ValueError(f"write_shard {s}: {name} has shape {tuple(arrays[name].shape)}, expected {shape}")
-        self.marker(s).unlink(missing_ok=True)
-        files = self.shard_files(s)
-        for f in files.values():  # a previous attempt's (maybe truncated) shard file: never read it back
-            f.unlink(missing_ok=True)
-        for name in ARRAYS:
-            self.arrays[name][a:b] = np.ascontiguousarray(arrays[name], dtype=DTYPES[name])
-        sizes = {}
-        for name, f in files.items():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            sizes[name] = f.stat().st_size
-        from sourceflow.io import write_json
-
-        write_json(self.marker(s), {"shard": s, "rows": [a, b], "bytes": sizes})
 
     # -- completion -----------------------------------------------------------------------------
     def verify(self, expected_index: np.ndarray, expected_flip: np.ndarray) -> list[str]:
         """Problems that keep the store from being complete (empty list: complete)."""
-        problems = []
-        done = self.done_shards()
-        missing = [s for s in range(self.num_shards) if s not in done]
-        if missing:
-            problems.append(f"{len(missing)} of {self.num_shards} shards not written (first: {missing[0]})")
-            return problems
-        for s in range(self.num_shards):
-            rec = json.loads(self.marker(s).read_text())
-            for name, f in self.shard_files(s).items():
-                size = f.stat().st_size if f.is_file() else None
-                if size != rec["bytes"].get(name):
-                    problems.append(f"shard {s}: {f.relative_to(self.path)} has {size} bytes, marker says "
-                                    f"{rec['bytes'].get(name)}")
+        problems = self.file_problems()
         if problems:
             return problems
         if not np.array_equal(np.asarray(self.arrays["index"][:]), expected_index):
@@ -319,18 +195,3 @@ class LatentWriter:
         if not np.array_equal(np.asarray(self.arrays["flip"][:]), expected_flip):
             problems.append("the flip column does not match the expected layout")
         return problems
-
-    def mark_complete(self) -> None:
-        """Set ``complete`` (after :meth:`verify` passed), then drop the done markers."""
-        self.group.attrs["complete"] = True
-        shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
-
-
-def _compressors(name: str) -> Any:
-    if name == "none":
-        return None
-    if name == "lz4":
-        from zarr.codecs import BloscCodec
-
-        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
-    raise ValueError(f"unknown compressor {name!r} (choose none or lz4)")

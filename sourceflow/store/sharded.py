@@ -1,0 +1,190 @@
+"""Row-sharded Zarr v3 groups that several processes write shard by shard and a killed run resumes.
+
+The mechanism behind the latent store (``sourceflow.store.latents``) and the sample store
+(``sourceflow.sampling_store``): every array of the group is sharded along rows with the same
+``shard_rows``; a process owns whole shards (Zarr 3 writers that share a shard lose rows silently).
+A shard is written in one call per array, the files are fsynced, and only then is a small done marker
+``_done/shard_XXXXXX.json`` written (atomically) recording each file's size. A kill mid-shard leaves at
+most a shard without a marker, which a resumed run rewrites; the marker, not the presence of data,
+decides what is finished (missing Zarr chunks silently read as the fill value). ``complete`` is set
+only once every marker is present and every file has its recorded size; the markers are then removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DONE_DIR = "_done"
+CHUNK_TARGET_BYTES = 4 << 20
+
+
+def _zarr():
+    import zarr
+
+    return zarr
+
+
+def chunk_rows(shard_rows: int, row_bytes: int, target: int = CHUNK_TARGET_BYTES) -> int:
+    """Rows per inner chunk: the largest divisor of ``shard_rows`` whose chunk stays under ``target`` bytes
+    (at least 1), so a random row read touches at most a few MiB."""
+    best = 1
+    for d in range(1, shard_rows + 1):
+        if shard_rows % d == 0 and d * row_bytes <= target:
+            best = d
+    return best
+
+
+def jsonable(attrs: dict) -> dict:
+    """Attributes as they come back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(attrs))
+
+
+def compressors(name: str) -> Any:
+    """Zarr codecs for ``none`` (float latents barely compress) or ``lz4`` (Blosc)."""
+    if name == "none":
+        return None
+    if name == "lz4":
+        from zarr.codecs import BloscCodec
+
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    raise ValueError(f"unknown compressor {name!r} (choose none or lz4)")
+
+
+def create_sharded_group(path: str | Path, arrays: dict[str, tuple[Sequence[int], str]], shard_rows: int,
+                         attrs: dict, compressor: str = "none") -> None:
+    """Create an empty group at ``path`` (must not exist) atomically (temp folder + rename).
+
+    ``arrays``: name → (shape with rows first, dtype); every array is sharded by ``shard_rows`` rows.
+    ``attrs`` go into the group attributes with ``shard_rows``, ``compressor`` and ``complete: false``.
+    """
+    zarr = _zarr()
+    path = Path(path)
+    if path.exists():
+        raise ValueError(f"{path}: already exists")
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be positive, got {shard_rows}")
+    rows = {int(shape[0]) for shape, _ in arrays.values()}
+    if len(rows) != 1 or min(rows) < 1:
+        raise ValueError(f"{path}: every array needs the same positive number of rows, got {sorted(rows)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        codecs = compressors(compressor)
+        for name, (shape, dtype) in arrays.items():
+            shape = tuple(int(s) for s in shape)
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+            group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk_rows(shard_rows, row_bytes), *shape[1:]),
+                               shards=(shard_rows, *shape[1:]), compressors=codecs, fill_value=0,
+                               config={"write_empty_chunks": True})
+        group.attrs.update(jsonable({**attrs, "shard_rows": int(shard_rows), "compressor": compressor,
+                                     "complete": False}))
+        (tmp / DONE_DIR).mkdir()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+class ShardedWriter:
+    """Writes, resumes and completes a group made by :func:`create_sharded_group` (see module docstring)."""
+
+    def __init__(self, path: str | Path, names: Sequence[str]) -> None:
+        self.path = Path(path)
+        zarr = _zarr()
+        self.group = zarr.open_group(str(self.path), mode="r+")
+        self.attrs = dict(self.group.attrs)
+        # write_empty_chunks is a runtime setting (not stored): without it an all-zero shard (e.g. the
+        # flip column of unflipped rows) would not be written at all and could not be told from a missing one.
+        self.arrays = {n: self.group[n].with_config({"write_empty_chunks": True}) for n in names}
+        self.num_rows = int(self.arrays[names[0]].shape[0])
+        self.shard_rows = int(self.attrs["shard_rows"])
+        self.num_shards = -(-self.num_rows // self.shard_rows)
+
+    def shard_range(self, s: int) -> tuple[int, int]:
+        return s * self.shard_rows, min((s + 1) * self.shard_rows, self.num_rows)
+
+    def marker(self, s: int) -> Path:
+        return self.path / DONE_DIR / f"shard_{s:06d}.json"
+
+    def shard_files(self, s: int) -> dict[str, Path]:
+        """The file of shard ``s`` of every array, relative to the store (a full-row shard key)."""
+        out = {}
+        for name, arr in self.arrays.items():
+            key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
+            out[name] = self.path / name / key
+        return out
+
+    def done_shards(self) -> set[int]:
+        d = self.path / DONE_DIR
+        if not d.is_dir():
+            return set()
+        return {int(p.stem.split("_")[1]) for p in d.glob("shard_*.json")}
+
+    def pending_shards(self) -> list[int]:
+        done = self.done_shards()
+        return [s for s in range(self.num_shards) if s not in done]
+
+    def clean_partial_files(self) -> int:
+        """Delete temporary ``*.partial`` files a killed Zarr write leaves behind; returns how many."""
+        n = 0
+        for p in self.path.rglob("*.partial"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def write_shard(self, s: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write all rows of shard ``s`` of every array, fsync the files, then write its done marker."""
+        a, b = self.shard_range(s)
+        for name, arr in self.arrays.items():
+            if name not in arrays:
+                raise KeyError(f"write_shard: missing array {name!r}")
+            shape = (b - a, *arr.shape[1:])
+            if tuple(arrays[name].shape) != shape:
+                raise ValueError(f"write_shard {s}: {name} has shape {tuple(arrays[name].shape)}, expected {shape}")
+        self.marker(s).unlink(missing_ok=True)
+        files = self.shard_files(s)
+        for f in files.values():  # a previous attempt's (maybe truncated) shard file: never read it back
+            f.unlink(missing_ok=True)
+        for name, arr in self.arrays.items():
+            arr[a:b] = np.ascontiguousarray(arrays[name], dtype=arr.dtype)
+        sizes = {}
+        for name, f in files.items():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            sizes[name] = f.stat().st_size
+        from sourceflow.io import write_json
+
+        write_json(self.marker(s), {"shard": s, "rows": [a, b], "bytes": sizes})
+
+    def file_problems(self) -> list[str]:
+        """Missing shards and shard files whose size differs from their marker (empty list: all written)."""
+        done = self.done_shards()
+        missing = [s for s in range(self.num_shards) if s not in done]
+        if missing:
+            return [f"{len(missing)} of {self.num_shards} shards not written (first: {missing[0]})"]
+        problems = []
+        for s in range(self.num_shards):
+            rec = json.loads(self.marker(s).read_text())
+            for name, f in self.shard_files(s).items():
+                size = f.stat().st_size if f.is_file() else None
+                if size != rec["bytes"].get(name):
+                    problems.append(f"shard {s}: {f.relative_to(self.path)} has {size} bytes, marker says "
+                                    f"{rec['bytes'].get(name)}")
+        return problems
+
+    def mark_complete(self) -> None:
+        """Set ``complete`` (after the checks passed), then drop the done markers."""
+        self.group.attrs["complete"] = True
+        shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
