@@ -1,6 +1,9 @@
 """Build the objects a stage needs (velocity model, method, data) from a resolved experiment spec.
 
 The one place where configuration words become classes, so train, sample and evaluate always agree.
+Data are either 2-D toy points (:class:`PointData`, a ``toy.safetensors`` file) or image latents
+(:class:`~sourceflow.data.latent_data.LatentData`, a latent store with its statistics, the manifest
+and optionally caption embeddings); both expose ``event_shape``, ``num_classes`` and ``condition``.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +32,11 @@ from sourceflow.gmm.diag import DiagGMM
 from sourceflow.io import atomic_path
 from sourceflow.models.embed import CondSpec
 from sourceflow.models.mlp import ConditionMLP, MLPVelocity
+
+if TYPE_CHECKING:
+    import argparse
+
+    from sourceflow.data.latent_data import LatentData
 
 
 @dataclass
@@ -83,8 +91,38 @@ def load_points(path: str | Path, split: str) -> PointData:
     return PointData(t[f"{split}.x"], t[f"{split}.label"].long(), int(t[f"{split}.num_classes"]))
 
 
-def cond_spec(spec: dict[str, Any], data: PointData) -> CondSpec:
-    """The velocity model's condition: data class, continuous data condition, GMM mode, or none."""
+def add_data_args(p: argparse.ArgumentParser, toy_split: str) -> None:
+    """The data flags of train / sample / evaluate: a toy file, or image latents (+ captions)."""
+    g = p.add_argument_group("data (either --data, or --latents with --stats and --manifest)")
+    g.add_argument("--data", default=None, help=f"toy data .safetensors (the {toy_split} split is used)")
+    g.add_argument("--latents", default=None, help="image latent store (latents.zarr of extract_latents)")
+    g.add_argument("--stats", default=None, help="latent_stats.safetensors that normalizes the latents")
+    g.add_argument("--manifest", default=None, help="manifest.parquet (class labels of the images)")
+    g.add_argument("--captions", default=None, help="caption embeddings (.zarr of embed_captions; text conditioning)")
+
+
+def load_data(a: argparse.Namespace, spec: dict[str, Any], split: str = "train") -> PointData | LatentData:
+    """The dataset named by the data flags (see :func:`add_data_args`); one-line errors for bad combinations."""
+    if (a.data is None) == (a.latents is None):
+        raise ValueError("give either --data (toy points) or --latents (image latents)")
+    if a.data is not None:
+        return load_points(a.data, split)
+    from sourceflow.data.latent_data import load_latent_data
+
+    for flag in ("stats", "manifest"):
+        if getattr(a, flag) is None:
+            raise ValueError(f"--latents needs --{flag}")
+    if spec["conditioning"] == "text" and a.captions is None:
+        raise ValueError("conditioning 'text' needs --captions (the embed_captions store)")
+    return load_latent_data(a.latents, a.stats, a.manifest, a.captions, spec["train"].get("max_memory_mb", 4000))
+
+
+def is_image_data(data: Any) -> bool:
+    return len(data.event_shape) == 3
+
+
+def cond_spec(spec: dict[str, Any], data: PointData | LatentData) -> CondSpec:
+    """The velocity model's condition: data class, continuous data condition, caption tokens, GMM mode, or none."""
     kind = spec["conditioning"]
     if kind == "none":
         return CondSpec()
@@ -92,20 +130,44 @@ def cond_spec(spec: dict[str, Any], data: PointData) -> CondSpec:
         return CondSpec("discrete", data.num_classes)
     if kind == "mode":
         return CondSpec("discrete", int(spec["source"]["components"]))
+    if kind == "text":
+        length, width = data.text_shape  # type: ignore[union-attr]
+        return CondSpec("text", width, length)
     c = data.condition(kind)
     assert c is not None
     return CondSpec("continuous", int(c.shape[1]))
 
 
-def build_model(spec: dict[str, Any], data: PointData) -> nn.Module:
+def build_model(spec: dict[str, Any], data: PointData | LatentData) -> nn.Module:
+    """The velocity model: an MLP on flat points, a DiT / DiT-DH or a diffusers U-Net on [C, H, W] latents."""
     m = spec["model"]
-    if m["kind"] != "mlp":
-        raise ValueError(f"model.kind {m['kind']!r} is not available for point data")
-    return MLPVelocity(dim=math.prod(data.event_shape), width=m["width"], depth=m["depth"],
-                       expansion=m["expansion"], cond=cond_spec(spec, data))
+    cs = cond_spec(spec, data)
+    if m["kind"] == "mlp":
+        if is_image_data(data):
+            raise ValueError("model.kind 'mlp' is for toy points; image latents need 'dit' or 'unet'")
+        return MLPVelocity(dim=math.prod(data.event_shape), width=m["width"], depth=m["depth"],
+                           expansion=m["expansion"], cond=cs)
+    if not is_image_data(data):
+        raise ValueError(f"model.kind {m['kind']!r} needs image latents [C, H, W]; toy points use 'mlp'")
+    c, h, w = data.event_shape
+    if m["kind"] == "dit":
+        from sourceflow.models.dit import build_dit
+
+        kw: dict[str, Any] = {"text_mode": m.get("text_mode", "cross")}
+        if m["size"].startswith("DiTDH-"):
+            kw.update(head_depth=m.get("head_depth"), head_width=m.get("head_width"))
+        return build_dit(m["size"], (h, w), c, cs, **kw)
+    if m["kind"] == "unet":
+        from sourceflow.models.unet import UNetVelocity
+
+        if h != w:
+            raise ValueError(f"the U-Net needs square latents, got {h}x{w}")
+        return UNetVelocity(h, c, cs, block_out_channels=tuple(m["block_out_channels"]),
+                            layers_per_block=m["layers_per_block"])
+    raise ValueError(f"unknown model.kind {m['kind']!r}")
 
 
-def build_source(spec: dict[str, Any], data: PointData, gmm_path: str | Path | None) -> Source:
+def build_source(spec: dict[str, Any], data: PointData | LatentData, gmm_path: str | Path | None) -> Source:
     s = spec["source"]
     kind = s["kind"]
     if kind == "gaussian":
@@ -114,18 +176,31 @@ def build_source(spec: dict[str, Any], data: PointData, gmm_path: str | Path | N
         return ToySource(s["distribution"])
     if kind == "gmm":
         if gmm_path is None:
-            raise ValueError("a GMM source needs --gmm (the fitted CLS GMM file)")
-        return GMMSource.load(gmm_path, variance=s.get("variance", "spherical"))
+            raise ValueError("a GMM source needs its mixture file (--gmm for points; --source-gmm, the spatial GMM, "
+                             "for images)")
+        src = GMMSource.load(gmm_path, variance=s.get("variance", "spherical"))
+        if src.event_shape != tuple(data.event_shape):
+            raise ValueError(f"{gmm_path}: GMM of shape {src.event_shape} does not match the data {tuple(data.event_shape)}"
+                             + (" (an image GMM source is the spatial GMM, not the CLS GMM)" if is_image_data(data) else ""))
+        return src
     if kind == "learned":
         d = math.prod(data.event_shape)
         learn_var = bool(s.get("learn_var", True))
-        net = ConditionMLP(cond_spec(spec, data), out_dim=2 * d if learn_var else d,
-                           width=s.get("width", 128), depth=s.get("depth", 2))
+        if is_image_data(data):  # CSFM's Perceiver over the latent's tokens
+            from sourceflow.models.perceiver import PerceiverSource
+
+            net: nn.Module = PerceiverSource(cond_spec(spec, data), data.event_shape, patch=s.get("patch", 1),
+                                             width=s.get("width", 128), depth=s.get("depth", 2),
+                                             heads=s.get("heads", 4), learn_var=learn_var)
+        else:
+            net = ConditionMLP(cond_spec(spec, data), out_dim=2 * d if learn_var else d,
+                               width=s.get("width", 128), depth=s.get("depth", 2))
         return LearnedSource(net, data.event_shape, learn_var=learn_var)
     raise ValueError(f"unknown source kind {kind!r}")
 
 
-def build_coupling(spec: dict[str, Any], data: PointData, seed: int, gmm_path: str | Path | None) -> Coupling:
+def build_coupling(spec: dict[str, Any], data: PointData | LatentData, seed: int, gmm_path: str | Path | None
+                   ) -> Coupling:
     c = spec["coupling"]
     kind = c["kind"]
     if kind == "independent":
@@ -144,13 +219,23 @@ def build_coupling(spec: dict[str, Any], data: PointData, seed: int, gmm_path: s
     raise ValueError(f"unknown coupling kind {kind!r}")
 
 
-def build_method(spec: dict[str, Any], data: PointData, seed: int, gmm_path: str | Path | None = None) -> Method:
+def build_method(spec: dict[str, Any], data: PointData | LatentData, seed: int, gmm_path: str | Path | None = None,
+                 source_gmm: str | Path | None = None) -> Method:
+    """The method of ``spec``. ``gmm_path``: the CLS GMM (MM-FM's mode coupling); ``source_gmm``: the GMM
+    x0 is drawn from (the spatial GMM for images; for toy points the CLS GMM itself, the default)."""
+    from sourceflow.flow.method import FocalModeWeights
+
     cs = cond_spec(spec, data)
     cond_from = {"none": "none", "mode": "mode"}.get(spec["conditioning"], "data")
     t = spec["time"]
     reg = spec.get("regularizers", {})
+    source = build_source(spec, data, source_gmm if source_gmm is not None else gmm_path)
+    focal = None
+    if reg.get("focal_gamma", 0.0) > 0:
+        focal = FocalModeWeights(source.num_modes, reg["focal_gamma"], reg.get("focal_ema", 0.9995),
+                                 tuple(reg.get("focal_clip", (0.3, 3.0))))
     return Method(
-        source=build_source(spec, data, gmm_path),
+        source=source,
         coupling=build_coupling(spec, data, seed, gmm_path),
         cond_from=cond_from,
         time=TimeSampler(t["kind"], t["mean"], t["std"], t["shift"]),
@@ -158,4 +243,14 @@ def build_method(spec: dict[str, Any], data: PointData, seed: int, gmm_path: str
         null_id=cs.null_id if cs.kind == "discrete" else None,
         var_reg_weight=reg.get("var_reg", 0.0),
         align_weight=reg.get("align", 0.0),
+        focal=focal,
     )
+
+
+def training_dataset(spec: dict[str, Any], data: PointData | LatentData) -> Any:
+    """The loop's dataset: rows, the model's data condition, and (images) the CLS descriptors MM-FM's
+    mode coupling reads."""
+    from sourceflow.train.loop import ArrayDataset
+
+    cls = getattr(data, "cls", None) if spec["coupling"]["kind"] == "mode" else None
+    return ArrayDataset(data.x, data.condition(spec["conditioning"]), cls)

@@ -23,7 +23,9 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / 
 
 METHODS = ("fm", "otcfm", "loom", "c2ot", "mmfm", "csfm")
 DATA_CONDITIONS = ("label", "angle", "xcoord")
+IMAGE_CONDITIONS = ("label", "text")  # data conditions of image datasets (class ids, caption embeddings)
 SETTINGS = ("model", "train", "time", "sample", "evaluate")
+IMAGE_KINDS = ("digits", "imagefolder")
 
 # What each method means when the experiment says nothing more.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -82,31 +84,105 @@ def resolve_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         method = exp["method"]
         if exp["data"] not in datasets:
             raise ConfigError(f"config: {where}.data: unknown dataset {exp['data']!r}; declared: {sorted(datasets)}")
-        if datasets[exp["data"]]["kind"] != "toy":
-            raise ConfigError(f"config: {where}.data: {exp['data']!r} is an image dataset; training on images "
-                              "is not in this version yet (image datasets build their artifacts only)")
+        ds = datasets[exp["data"]]
+        image = ds["kind"] in IMAGE_KINDS
         spec = deep_merge(METHOD_DEFAULTS[method], {k: v for k, v in exp.items() if k != "overrides"})
-        spec = deep_merge(deep_merge({k: v for k, v in config["defaults"].items()}, spec), exp.get("overrides", {}))
+        # settings: the config's defaults, then the dataset's own defaults, then the experiment's overrides
+        settings = deep_merge(dict(config["defaults"]), ds.get("defaults", {}))
+        spec = deep_merge(deep_merge(settings, spec), exp.get("overrides", {}))
         spec.setdefault("conditioning", "none")
         spec.setdefault("regularizers", {"var_reg": 0.0, "align": 0.0})
         spec.setdefault("seeds", config["seeds"])
-        spec["dataset"] = datasets[exp["data"]]
+        spec["dataset"] = {k: v for k, v in ds.items() if k != "defaults"}
+        if image:
+            _resolve_image_inputs(spec, exp["data"], where)
+            # only what training depends on beyond its input files: a change to another encoder, GMM or
+            # the reference statistics must not retrain this experiment
+            spec["dataset"] = {"kind": ds["kind"], "resolution": ds["resolution"],
+                               "encoder": ds["encoders"][spec["encoder"]]}
+        elif "encoder" in spec or "text_encoder" in spec:
+            raise ConfigError(f"config: {where}.encoder: only image datasets have encoders ({exp['data']!r} is toy data)")
         _check(spec, root["$defs"]["resolved_experiment"], root, where)
         _semantic_checks(spec, where)
         specs[name] = spec
+    for i, (name, spec) in enumerate(specs.items()):
+        guide = spec["sample"].get("autoguidance")
+        if guide is None:
+            continue
+        g = specs.get(guide["experiment"])
+        where = f"experiments[{i}] ({name}).overrides.sample.autoguidance.experiment"
+        if g is None:
+            raise ConfigError(f"config: {where}: unknown experiment {guide['experiment']!r}")
+        if (g["data"], g.get("encoder"), g["conditioning"]) != (spec["data"], spec.get("encoder"), spec["conditioning"]):
+            raise ConfigError(f"config: {where}: the guide {guide['experiment']!r} must train on the same data, "
+                              "encoder and conditioning")
+        if not set(spec["seeds"]) <= set(g["seeds"]):
+            raise ConfigError(f"config: {where}: the guide {guide['experiment']!r} lacks seeds "
+                              f"{sorted(set(spec['seeds']) - set(g['seeds']))} (seed s is guided by the guide's seed s)")
+        if g["source"] != spec["source"]:
+            raise ConfigError(f"config: {where}: the guide {guide['experiment']!r} must use the same source")
     return specs
+
+
+def is_image_spec(spec: dict[str, Any]) -> bool:
+    """Whether an experiment trains on an image dataset's latents (else on 2-D toy points)."""
+    return spec["dataset"]["kind"] in IMAGE_KINDS
+
+
+def _resolve_image_inputs(spec: dict[str, Any], data: str, where: str) -> None:
+    """Fill ``encoder`` (and ``text_encoder`` for text conditioning) from the dataset when unambiguous."""
+    ds = spec["dataset"]
+    encs = sorted(ds.get("encoders", {}))
+    if "encoder" not in spec:
+        if len(encs) != 1:
+            raise ConfigError(f"config: {where}.encoder: dataset {data!r} has encoders {encs}; name the one to train on")
+        spec["encoder"] = encs[0]
+    if spec["encoder"] not in encs:
+        raise ConfigError(f"config: {where}.encoder: dataset {data!r} has no encoder {spec['encoder']!r}; declared: {encs}")
+    if spec.get("conditioning") == "text":
+        tes = sorted((ds.get("captions") or {}).get("text_encoders", {}))
+        if not tes:
+            raise ConfigError(f"config: {where}.conditioning: text conditioning needs datasets.{data}.captions")
+        if "text_encoder" not in spec:
+            if len(tes) != 1:
+                raise ConfigError(f"config: {where}.text_encoder: dataset {data!r} has text encoders {tes}; name one")
+            spec["text_encoder"] = tes[0]
+        if spec["text_encoder"] not in tes:
+            raise ConfigError(f"config: {where}.text_encoder: no text encoder {spec['text_encoder']!r}; declared: {tes}")
+    elif "text_encoder" in spec:
+        raise ConfigError(f"config: {where}.text_encoder: only used with conditioning: text")
+    if spec["source"]["kind"] == "gmm":
+        k = spec["source"].get("components")
+        fitted = [kk for g in ds.get("gmm", []) if g["encoder"] == spec["encoder"] and g.get("spatial", True)
+                  for kk in g["components"]]
+        if k not in fitted:
+            raise ConfigError(f"config: {where}.source.components: no spatial GMM with K={k} for encoder "
+                              f"{spec['encoder']!r} in datasets.{data}.gmm (fitted: {fitted})")
 
 
 def _semantic_checks(spec: dict[str, Any], where: str) -> None:
     method, cond, src = spec["method"], spec["conditioning"], spec["source"]["kind"]
+    image = is_image_spec(spec)
+    conditions = IMAGE_CONDITIONS if image else DATA_CONDITIONS
+    if cond not in (*conditions, "none", "mode"):
+        raise ConfigError(f"config: {where}.conditioning: {cond!r} is not available for "
+                          f"{'image' if image else 'toy'} data (choose from none, mode, {', '.join(conditions)})")
     if src not in ALLOWED_SOURCES[method]:
         raise ConfigError(f"config: {where}.source.kind: method {method} needs a source of kind "
                           f"{' or '.join(ALLOWED_SOURCES[method])}, got {src!r}")
-    if method == "c2ot" and cond not in DATA_CONDITIONS:
-        raise ConfigError(f"config: {where}.conditioning: c2ot needs a data condition {DATA_CONDITIONS}, got {cond!r}")
-    if method == "csfm" and cond not in DATA_CONDITIONS:
+    if image and src == "toy":
+        raise ConfigError(f"config: {where}.source.kind: a toy source cannot start a flow on image latents")
+    if method == "c2ot" and (cond not in conditions or cond == "text"):
+        raise ConfigError(f"config: {where}.conditioning: c2ot needs a data condition "
+                          f"{tuple(c for c in conditions if c != 'text')}, got {cond!r}")
+    if method == "csfm" and cond not in conditions:
         raise ConfigError(f"config: {where}.conditioning: csfm's source is a function of the condition; "
-                          f"choose one of {DATA_CONDITIONS}, got {cond!r}")
+                          f"choose one of {conditions}, got {cond!r}")
+    if image and spec["model"]["kind"] == "mlp":
+        raise ConfigError(f"config: {where}.overrides.model.kind: image latents need an image model (dit, unet), "
+                          "e.g. in datasets.<name>.defaults.model")
+    if not image and spec["model"]["kind"] != "mlp":
+        raise ConfigError(f"config: {where}.overrides.model.kind: toy points use the mlp model")
     if cond == "mode" and method != "mmfm":
         raise ConfigError(f"config: {where}.conditioning: 'mode' exists only for mmfm (GMM source)")
     if method == "mmfm" and cond not in ("none", "mode"):
@@ -118,8 +194,14 @@ def _semantic_checks(spec: dict[str, Any], where: str) -> None:
     if spec["train"]["p_uncond"] > 0 and cond not in ("label",):
         raise ConfigError(f"config: {where}.overrides.train.p_uncond: CFG dropout needs a class condition (label)")
     ds = spec["dataset"]
-    if method == "loom" and spec["train"]["batch_size"] > ds["n_train"]:
+    if method == "loom" and not image and spec["train"]["batch_size"] > ds["n_train"]:
         raise ConfigError(f"config: {where}.overrides.train.batch_size: larger than the dataset ({ds['n_train']})")
+    if spec["train"]["batch_size"] % spec["train"]["grad_accum"]:
+        raise ConfigError(f"config: {where}.overrides.train.grad_accum: must divide batch_size "
+                          f"({spec['train']['batch_size']})")
+    guide = spec["sample"].get("autoguidance")
+    if guide is not None and guide["experiment"] == spec["name"]:
+        raise ConfigError(f"config: {where}.overrides.sample.autoguidance.experiment: a run cannot guide itself")
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

@@ -15,8 +15,10 @@ its own rows; so LOOM's cache stays identical on every process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -47,12 +49,28 @@ class TrainSettings:
     checkpoint_every: int
     log_every: int
     mixed_precision: str = "no"
+    lr_schedule: str = "constant"
+    min_lr: float = 0.0
+    grad_accum: int = 1
 
     @classmethod
     def from_spec(cls, train: dict[str, Any]) -> TrainSettings:
         return cls(train["steps"], train["batch_size"], train["lr"], train["weight_decay"], tuple(train["betas"]),
                    train["warmup_steps"], train["ema_decay"], train["grad_clip"], train["checkpoint_every"],
-                   train["log_every"], train.get("mixed_precision", "no"))
+                   train["log_every"], train.get("mixed_precision", "no"), train.get("lr_schedule", "constant"),
+                   train.get("min_lr", 0.0), train.get("grad_accum", 1))
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of (0-based) ``step``: linear warm-up, then constant or cosine to ``min_lr``."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.lr_schedule == "cosine":
+            progress = max(0, step - self.warmup_steps) / max(1, self.steps - 1 - self.warmup_steps)
+            base = self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        elif self.lr_schedule == "constant":
+            base = self.lr
+        else:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r} (constant or cosine)")
+        return base * warm
 
 
 def step_generator(seed: int, step: int, stream: str, rank: int = 0) -> torch.Generator:
@@ -147,9 +165,12 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     ckpt_dir, log_path = out / "checkpoints" / "last", out / "train_log.jsonl"
     acc = accelerator or make_accelerator(settings.mixed_precision)
     rank, world = acc.process_index, acc.num_processes
-    if settings.batch_size % world:
-        raise ValueError(f"batch_size {settings.batch_size} is not divisible by {world} processes")
-    local_b = settings.batch_size // world
+    accum = settings.grad_accum
+    if settings.batch_size % (world * accum):
+        raise ValueError(f"batch_size {settings.batch_size} is not divisible by {world} process(es) x {accum} "
+                         "gradient-accumulation micro-batches")
+    micro_b = settings.batch_size // accum
+    local_b = micro_b // world
     device = acc.device
     model.to(device)
     method.to(device)
@@ -181,6 +202,8 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     if acc.is_main_process:
         _trim_log(log_path, start)
 
+    if method.focal is not None and world > 1:
+        method.focal.reduce = lambda t: acc.reduce(t, "sum")
     objective, opt = acc.prepare(objective, opt)
     plan = BatchPlan(len(data), settings.batch_size, seed)
     local = slice(rank * local_b, (rank + 1) * local_b)
@@ -201,25 +224,36 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     step = start
     for step in range(start, settings.steps):
         for group in opt.param_groups:
-            group["lr"] = settings.lr * min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else settings.lr
+            group["lr"] = settings.lr_at(step)
         idx = plan.indices(step)
-        mine = data.batch(idx[local], device)
-        if shards_disjoint is None and world > 1:
-            allidx = acc.gather(mine.idx)
-            shards_disjoint = bool(torch.unique(allidx).numel() == allidx.numel() == settings.batch_size)
-        if method.global_pairing and world > 1:
-            batch, sel = _gather_batch(acc, mine), local
-        else:
-            batch, sel = mine, slice(None)
-        pair_gen = step_generator(seed, step, "pair", 0 if method.global_pairing else rank)
-        loss_gen = step_generator(seed, step, "loss", rank)
-        with acc.autocast():
-            loss, terms = objective(batch, sel, pair_gen, loss_gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss.detach())} at step {step}; the last good checkpoint "
-                                     f"is kept in {ckpt_dir}")
         opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
+        terms: dict[str, float] = {}
+        loss_sum = 0.0
+        for m in range(accum):
+            # micro-batch m of the global batch; process r takes its share of every micro-batch
+            mine = data.batch(idx[m * micro_b:(m + 1) * micro_b][local], device)
+            if shards_disjoint is None and world > 1:
+                allidx = acc.gather(mine.idx)
+                shards_disjoint = bool(torch.unique(allidx).numel() == allidx.numel() == micro_b)
+            if method.global_pairing and world > 1:
+                batch, sel = _gather_batch(acc, mine), local
+            else:
+                batch, sel = mine, slice(None)
+            tag = "" if accum == 1 else f"/{m}"  # one micro-batch: the same streams as before accumulation existed
+            pair_gen = step_generator(seed, step, "pair" + tag, 0 if method.global_pairing else rank)
+            loss_gen = step_generator(seed, step, "loss" + tag, rank)
+            sync = contextlib.nullcontext() if m == accum - 1 else acc.no_sync(objective)
+            with sync:
+                with acc.autocast():
+                    loss, mterms = objective(batch, sel, pair_gen, loss_gen)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {float(loss.detach())} at step {step}; the last good "
+                                             f"checkpoint is kept in {ckpt_dir}")
+                acc.backward(loss / accum if accum > 1 else loss)
+            loss_sum += float(loss.detach())
+            for k, v in mterms.items():
+                terms[k] = terms.get(k, 0.0) + v / accum
+        loss = torch.tensor(loss_sum / accum)
         grad_norm = acc.clip_grad_norm_(params, settings.grad_clip) if settings.grad_clip > 0 else None
         opt.step()
         ema.update()

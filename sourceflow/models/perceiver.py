@@ -1,0 +1,155 @@
+"""Perceiver source network for CSFM: a condition -> mean and log-variance of a Gaussian over a latent.
+
+CSFM's source net is a Perceiver with one learned query per latent token (256 queries for a 16×16
+latent), 8 layers of cross-attention to the CLIP text tokens (77×768) followed by self-attention, width
+768, and a mean head (+ an optional log-variance head) whose per-token outputs are reshaped to the
+latent. This module follows that shape; sizes are arguments (CSFM: ``width=768, depth=8, heads=12``).
+
+Output contract with :class:`sourceflow.flow.sources.LearnedSource`: ``net(cond)`` is a flat
+[B, 2·D] tensor (mean flattened in C, H, W order, then the log-variance flattened the same way) when
+``learn_var``, else [B, D]; D = C·H·W.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sourceflow.models.dit import sincos_2d, unpatchify
+from sourceflow.models.embed import CondSpec, unpack_text
+
+
+class Attention(nn.Module):
+    """Multi-head attention via ``F.scaled_dot_product_attention``; ``mask`` [B, M] is True where a key
+    may be attended to."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, w = x.shape
+        m = context.shape[1]
+        hd = w // self.heads
+        q = self.q(x).reshape(b, n, self.heads, hd).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, m, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(y.transpose(1, 2).reshape(b, n, w))
+
+
+class PerceiverLayer(nn.Module):
+    """Pre-norm residual block: cross-attention queries -> context, self-attention, GELU MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = max(1, int(width * mlp_ratio))
+        self.norm_q = nn.LayerNorm(width)
+        self.norm_kv = nn.LayerNorm(width)
+        self.cross = Attention(width, heads)
+        self.norm_self = nn.LayerNorm(width)
+        self.self_attn = Attention(width, heads)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = h + self.cross(self.norm_q(h), self.norm_kv(context), mask)
+        s = self.norm_self(h)
+        h = h + self.self_attn(s, s)
+        return h + self.mlp(self.norm_mlp(h))
+
+
+class PerceiverSource(nn.Module):
+    """CSFM source network: learned latent-token queries attend to the condition tokens.
+
+    Tokens are the (H/p)·(W/p) patches of the (C, H, W) latent (``patch=1``: every position, CSFM's
+    16×16 case). Each has a learned query plus a fixed 2-D sin-cos position code. After ``depth`` layers
+    (see :class:`PerceiverLayer`) and a final LayerNorm, ``Linear(width, C·p·p)`` heads give each
+    token's mean (and log-variance) patch, unpatchified back to (C, H, W) by :func:`unpatchify`.
+
+    Conditions (the keys/values): ``text`` packed tokens [B, L, E+1] -> ``Linear(E, width)`` per real
+    token, padding masked out (and zeroed, so even non-finite padding cannot leak); ``discrete`` ids [B]
+    -> ``Embedding(size + 1, width)`` (row ``size`` = CFG null id), one token; ``continuous`` [B, size]
+    -> ``Linear(size, width)``, one token. A learned null token is appended to every row's context and
+    is always attendable, so an all-padding row (e.g. a dropped caption) attends only to it: a finite,
+    condition-independent output instead of the NaN that a fully masked softmax gives.
+
+    Both heads start at zero, so the initial source is exactly N(0, I) for every condition (mean 0,
+    log-variance 0). CSFM's own initialisation may differ.
+    """
+
+    def __init__(self, cond: CondSpec, event_shape: tuple[int, int, int], patch: int = 1, width: int = 128,
+                 depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0, learn_var: bool = True):
+        super().__init__()
+        if cond.kind == "none":
+            raise ValueError("a conditional source network needs a condition (got kind 'none')")
+        if len(event_shape) != 3:
+            raise ValueError(f"event_shape must be (C, H, W), got {tuple(event_shape)}")
+        c, h, w = (int(s) for s in event_shape)
+        if patch < 1 or h % patch or w % patch:
+            raise ValueError(f"latent H={h}, W={w} must be divisible by patch={patch}")
+        self.cond_spec = cond
+        self.event_shape = (c, h, w)
+        self.patch = patch
+        self.learn_var = learn_var
+        self.grid = (h // patch, w // patch)
+        self.num_tokens = self.grid[0] * self.grid[1]
+
+        if cond.kind == "text":
+            self.embed: nn.Module = nn.Linear(cond.size, width)
+        elif cond.kind == "discrete":
+            self.embed = nn.Embedding(cond.size + 1, width)
+        else:
+            self.embed = nn.Linear(cond.size, width)
+        self.null_token = nn.Parameter(torch.randn(width) * 0.02)
+        self.queries = nn.Parameter(torch.randn(self.num_tokens, width) * 0.02)
+        self.register_buffer("pos", sincos_2d(width, h // patch, w // patch), persistent=False)
+        self.layers = nn.ModuleList([PerceiverLayer(width, heads, mlp_ratio) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(width)
+        out = c * patch * patch
+        self.mean_head = nn.Linear(width, out)
+        self.logvar_head = nn.Linear(width, out) if learn_var else None
+        for head in (self.mean_head, self.logvar_head):
+            if head is not None:
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+
+    def context(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition -> context tokens [B, M + 1, width] and key mask [B, M + 1] (last = null token)."""
+        dev = self.queries.device
+        spec = self.cond_spec
+        if spec.kind == "text":
+            if cond.dim() != 3 or cond.shape[-1] != spec.size + 1:
+                raise ValueError(f"text condition must be packed [B, L, {spec.size + 1}], got {tuple(cond.shape)}")
+            tokens, mask = unpack_text(cond.to(dev))
+            tokens = tokens.float().masked_fill(~mask[..., None], 0.0)
+            ctx = self.embed(tokens)
+        elif spec.kind == "discrete":
+            ctx = self.embed(cond.to(dev).long().reshape(-1))[:, None]
+            mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=dev)
+        else:
+            ctx = self.embed(cond.to(dev).float().reshape(cond.shape[0], -1))[:, None]
+            mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=dev)
+        b = ctx.shape[0]
+        ctx = torch.cat([ctx, self.null_token.expand(b, 1, -1)], dim=1)
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
+        return ctx, mask
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        """[B, 2·D] (mean then log-variance, each flattened C, H, W) or [B, D] without learned variance."""
+        ctx, mask = self.context(cond)
+        b = ctx.shape[0]
+        h = (self.queries + self.pos).expand(b, -1, -1)
+        for layer in self.layers:
+            h = layer(h, ctx, mask)
+        h = self.norm_out(h)
+        parts = [unpatchify(self.mean_head(h), self.grid, self.patch, self.event_shape[0]).reshape(b, -1)]
+        if self.logvar_head is not None:
+            parts.append(unpatchify(self.logvar_head(h), self.grid, self.patch, self.event_shape[0]).reshape(b, -1))
+        return torch.cat(parts, dim=1)
