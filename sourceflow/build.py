@@ -254,3 +254,17 @@ def training_dataset(spec: dict[str, Any], data: PointData | LatentData) -> Any:
 
     cls = getattr(data, "cls", None) if spec["coupling"]["kind"] == "mode" else None
     return ArrayDataset(data.x, data.condition(spec["conditioning"]), cls)
+
+
+def load_decoder(data: LatentData, device: str | torch.device = "cpu") -> Any:
+    """The encoder that made ``data``'s latents, rebuilt from the store's attributes, for decoding samples
+    (pixels: identity; sd-vae: ``AutoencoderKL.decode``); a one-line error for encoders without a decoder."""
+    from sourceflow.encoders import load_encoder
+
+    attrs = data.store_attrs or {}
+    enc = load_encoder(attrs["encoder"], attrs.get("weights"), int(attrs["resolution"]), device,
+                       **(attrs.get("encoder_options") or {}))
+    if not getattr(enc, "decodable", False):
+        raise ValueError(f"encoder {attrs['encoder']!r} has no decoder: its samples cannot become images for FID "
+                         "(train on pixels or sd-vae latents, or add a decoder for this encoder)")
+    return enc

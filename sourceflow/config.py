@@ -106,6 +106,7 @@ def resolve_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         _semantic_checks(spec, where)
         specs[name] = spec
     for i, (name, spec) in enumerate(specs.items()):
+        _check_model_from(specs, name, spec, f"experiments[{i}] ({name}).model_from")
         guide = spec["sample"].get("autoguidance")
         if guide is None:
             continue
@@ -119,9 +120,32 @@ def resolve_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if not set(spec["seeds"]) <= set(g["seeds"]):
             raise ConfigError(f"config: {where}: the guide {guide['experiment']!r} lacks seeds "
                               f"{sorted(set(spec['seeds']) - set(g['seeds']))} (seed s is guided by the guide's seed s)")
-        if g["source"] != spec["source"]:
-            raise ConfigError(f"config: {where}: the guide {guide['experiment']!r} must use the same source")
+        if g["source"]["kind"] != spec["source"]["kind"] or (spec["source"]["kind"] == "gmm" and g["source"] != spec["source"]):
+            # a learned (CSFM) guide may be smaller: sampling draws x0 from the main run's source only
+            raise ConfigError(f"config: {where}: the guide {guide['experiment']!r} must use the same source"
+                              + (" (the same mixture: modes condition both models)" if spec["source"]["kind"] == "gmm" else ""))
     return specs
+
+
+TRAIN_FREE_KEYS = ("name", "sample", "evaluate", "seeds", "model_from")  # what may differ from a model_from run
+
+
+def _check_model_from(specs: dict[str, dict[str, Any]], name: str, spec: dict[str, Any], where: str) -> None:
+    """An experiment that samples another experiment's trained model must train exactly like it."""
+    src = spec.get("model_from")
+    if src is None:
+        return
+    if src not in specs or src == name:
+        raise ConfigError(f"config: {where}: {src!r} is not another experiment")
+    other = specs[src]
+    if other.get("model_from"):
+        raise ConfigError(f"config: {where}: {src!r} itself reuses {other['model_from']!r}; name that one")
+    for key in sorted(set(spec) | set(other)):
+        if key not in TRAIN_FREE_KEYS and spec.get(key) != other.get(key):
+            raise ConfigError(f"config: {where}: {name!r} differs from {src!r} in {key!r}, which changes training "
+                              "(only sample and evaluate settings may differ)")
+    if not set(spec["seeds"]) <= set(other["seeds"]):
+        raise ConfigError(f"config: {where}: {src!r} lacks seeds {sorted(set(spec['seeds']) - set(other['seeds']))}")
 
 
 def is_image_spec(spec: dict[str, Any]) -> bool:
@@ -151,6 +175,14 @@ def _resolve_image_inputs(spec: dict[str, Any], data: str, where: str) -> None:
             raise ConfigError(f"config: {where}.text_encoder: no text encoder {spec['text_encoder']!r}; declared: {tes}")
     elif "text_encoder" in spec:
         raise ConfigError(f"config: {where}.text_encoder: only used with conditioning: text")
+    feats = (ds.get("reference") or {}).get("features", [])
+    ev = spec["evaluate"]
+    if ev.get("features", "feature-net") not in feats:
+        raise ConfigError(f"config: {where}.overrides.evaluate.features: {ev.get('features', 'feature-net')!r} is not "
+                          f"among datasets.{data}.reference.features {feats}")
+    if ev.get("classifier", True) and "feature-net" not in feats:
+        raise ConfigError(f"config: {where}.overrides.evaluate.classifier: class coverage needs the feature network "
+                          f"(add feature-net to datasets.{data}.reference.features, or set classifier: false)")
     if spec["source"]["kind"] == "gmm":
         k = spec["source"].get("components")
         fitted = [kk for g in ds.get("gmm", []) if g["encoder"] == spec["encoder"] and g.get("spatial", True)
@@ -206,7 +238,7 @@ def _semantic_checks(spec: dict[str, Any], where: str) -> None:
 
 def spec_hash(spec: dict[str, Any]) -> str:
     """Stable short hash of what determines a run's training (stored in checkpoints)."""
-    keep = {k: v for k, v in spec.items() if k not in ("sample", "evaluate", "seeds")}
+    keep = {k: v for k, v in spec.items() if k not in ("sample", "evaluate", "seeds", "model_from")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -226,10 +258,21 @@ def load_spec(arg: str) -> dict[str, Any]:
 
 def sweep_tags(sample: dict[str, Any]) -> list[tuple[str, str, int | None]]:
     """(tag, solver, steps) for every point of a sample sweep; adaptive solvers have no steps."""
-    out: list[tuple[str, str, int | None]] = []
+    return [(tag, solver, steps) for tag, solver, steps, _ in sweep_entries(sample)]
+
+
+def sweep_entries(sample: dict[str, Any]) -> list[tuple[str, str, int | None, int]]:
+    """(tag, solver, steps, num_samples) for every point of a sample sweep; an entry's own
+    ``num_samples`` (e.g. a few samples at 50 steps, for the sample grids only) overrides the sweep's."""
+    out: list[tuple[str, str, int | None, int]] = []
     for entry in sample["solvers"]:
+        n = int(entry.get("num_samples", sample["num_samples"]))
         if entry["solver"] == "dopri5":
-            out.append(("dopri5", "dopri5", None))
+            out.append(("dopri5", "dopri5", None, n))
         else:
-            out += [(f"{entry['solver']}-{s}", entry["solver"], s) for s in entry.get("steps", [1])]
+            out += [(f"{entry['solver']}-{s}", entry["solver"], s, n) for s in entry.get("steps", [1])]
+    tags = [t for t, *_ in out]
+    dup = sorted({t for t in tags if tags.count(t) > 1})
+    if dup:
+        raise ConfigError(f"config: sample.solvers: entry {dup[0]} appears twice")
     return out

@@ -104,12 +104,17 @@ def run_means(df: pd.DataFrame, metric: str, entry: str) -> pd.DataFrame:
     return d.groupby(["dataset", "experiment", "method"]).value.agg(["mean", "std", "count"]).reset_index()
 
 
+METRIC_LABELS = {"w2sq": "W2² to held-out data", "fd": "FD to the training images (feature statistics)"}
+
+
 def w2_vs_nfe_png(path: str | Path, df: pd.DataFrame, metric: str = "w2sq",
                   floors: dict[str, float] | None = None) -> None:
-    """One panel per dataset: the metric against NFE for each experiment (mean ± std over seeds),
-    with the data's own W2² (two independent samples, ``floors``) as a dashed line."""
+    """One panel per dataset: the metric (W2² for toy data, FD for images) against NFE for each
+    experiment (mean ± std over seeds), with the data's own score (``floors``) as a dashed line."""
     plt = _plt()
     d = df[df.metric == metric]
+    if d.empty:
+        raise ValueError(f"no {metric!r} values to plot")
     datasets = sorted(d.dataset.unique())
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
     for ax, ds in zip(axes[0], datasets, strict=True):
@@ -127,12 +132,12 @@ def w2_vs_nfe_png(path: str | Path, df: pd.DataFrame, metric: str = "w2sq",
                 ax.errorbar(ad.nfe.mean(), ad.value.mean(), xerr=ad.nfe.std() if len(ad) > 1 else 0,
                             yerr=ad.value.std() if len(ad) > 1 else 0, marker="*", ms=12, color=color, ls="none",
                             label=f"{exp} (dopri5)")
-        if floors and ds in floors and metric == "w2sq":
+        if floors and ds in floors:
             ax.axhline(floors[ds], color="0.4", ls="--", lw=1, label="data vs data (floor)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("NFE (function evaluations)")
-        ax.set_ylabel("W2² to held-out data" if metric == "w2sq" else metric)
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         ax.set_title(ds)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, ncol=2)
@@ -166,16 +171,77 @@ def scatter_grid_png(path: str | Path, samples: dict[str, dict[str, np.ndarray]]
     _save(fig, path)
 
 
-def write_summary(path: str | Path, df: pd.DataFrame, floors: dict[str, float] | None = None) -> None:
-    """Markdown: the W2² table over the sweep, straightness and coupling cost per experiment."""
-    lines = ["# sourceflow report", "",
-             "W2² between generated samples and held-out data (exact EMD), mean ± std over seeds; "
-             "dopri5 shows its mean NFE. Lower is better.", ""]
-    for ds, t in summary_table(df).groupby("dataset"):
+def image_grid_png(path: str | Path, samples: dict[str, dict[str, np.ndarray]], columns: list[str],
+                   reference: np.ndarray, per_cell: int = 36, scale: int = 4) -> None:
+    """Rows: experiments; columns: sweep entries (e.g. euler-1 … euler-50) and the real images. Each cell
+    is a square tile of the first ``per_cell`` uint8 NHWC images, upscaled ``scale``× (nearest)."""
+    plt = _plt()
+    exps = sorted(samples)
+    side = int(np.ceil(np.sqrt(per_cell)))
+
+    def tile(x: np.ndarray) -> np.ndarray:
+        x = x[:side * side]
+        h, w = x.shape[1:3]
+        canvas = np.full((side * (h + 1) + 1, side * (w + 1) + 1, 3), 255, np.uint8)
+        for k, img in enumerate(x):
+            r, c = divmod(k, side)
+            canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = img
+        return canvas.repeat(scale, 0).repeat(scale, 1)
+
+    cols = [*columns, "data"]
+    fig, axes = plt.subplots(len(exps), len(cols), figsize=(2.4 * len(cols), 2.5 * len(exps)), squeeze=False)
+    for i, exp in enumerate(exps):
+        for j, col in enumerate(cols):
+            ax = axes[i, j]
+            x = reference if col == "data" else samples[exp].get(col)
+            if x is not None:
+                ax.imshow(tile(x), interpolation="nearest")
+            else:
+                ax.text(0.5, 0.5, "not sampled", ha="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(col)
+            if j == 0:
+                ax.set_ylabel(exp)
+    _save(fig, path)
+
+
+IMAGE_TABLES = [
+    ("fd", "Fréchet distance of the samples' features to the training images' statistics (FID with Inception; "
+           "the feature network's penultimate features for digits), mean ± std over seeds; dopri5 shows its mean "
+           "NFE. Lower is better."),
+    ("precision", "Precision (fraction of samples on the k-NN manifold of real features). Higher is better."),
+    ("recall", "Recall (fraction of real images on the samples' k-NN manifold). Higher is better."),
+    ("class_kl", "Class coverage: KL(p_data ‖ p_gen) of the feature network's predicted classes of the samples "
+                 "against the data's label histogram (0 = the classes in the data's proportions). Lower is better."),
+    ("class_tv", "Class coverage: total variation between the two class histograms. Lower is better."),
+]
+
+
+def write_summary(path: str | Path, df: pd.DataFrame, floors: dict[str, float] | None = None,
+                  fd_floors: dict[str, float] | None = None) -> None:
+    """Markdown: per toy dataset the W2² table over the sweep; per image dataset FD, precision, recall and
+    class-coverage tables; then straightness and coupling cost per experiment."""
+    lines = ["# sourceflow report", ""]
+    toy = df[df.dataset.isin(df[df.metric == "w2sq"].dataset.unique())]
+    if len(toy):
+        lines += ["W2² between generated samples and held-out data (exact EMD), mean ± std over seeds; "
+                  "dopri5 shows its mean NFE. Lower is better.", ""]
+    for ds, t in (summary_table(toy).groupby("dataset") if len(toy) else []):
         lines += [f"## {ds}", "", t.drop(columns="dataset").to_markdown(index=False), ""]
         if floors and ds in floors:
             lines += [f"Data floor: W2² between two independent samples of the data at the same size is "
                       f"{floors[ds]:.4f}; a perfect generator scores about this.", ""]
+    for ds in sorted(df[df.metric == "fd"].dataset.unique()):
+        d = df[df.dataset == ds]
+        lines += [f"## {ds} (images)", ""]
+        for metric, text in IMAGE_TABLES:
+            if (d.metric == metric).any():
+                lines += [text, "", summary_table(d, metric).drop(columns="dataset").to_markdown(index=False), ""]
+        if fd_floors and ds in fd_floors:
+            lines += [f"Data floor: FD of the held-out real images to the same statistics is {fd_floors[ds]:.3f} "
+                      "(finite-sample FD of real data; a perfect generator scores about this at that sample size).", ""]
     pe = run_means(df, "path_energy", "dopri5")
     cc = run_means(df, "coupling_cost", "dopri5")
     if len(pe):

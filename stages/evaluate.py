@@ -1,18 +1,34 @@
 """evaluate: metrics of every sampled solver × steps of one run.
 
-For each sweep entry listed in SAMPLES/index.json, writes OUT/{tag}.json with
+For each sweep entry listed in SAMPLES/index.json, writes OUT/{tag}.json; OUT/all.json holds every
+entry's record.
+
+Toy points (--data), with
   - W2² and W2 between the samples and the held-out test points (exact EMD with POT emd2 on the
     first evaluate.num_points of each; only at evaluate.w2_entries when that is set),
   - per-condition W2² for conditional runs (per class, or per quantile bin of a continuous
     condition, and their mean) at evaluate.per_condition_entries,
   - the normalised path energy of the sampling trajectories (straightness; 0 = straight),
   - the true NFE and the training coupling's mean cost ‖x0 − x1‖².
-OUT/all.json holds every entry's record.
 
-Example:
+Images (--reference NPZ with --feature-net or --inception), per entry of at least evaluate.min_samples
+samples:
+  - fd: the Fréchet distance of the samples' features to the reference statistics (FID with Inception;
+    the feature network's penultimate features for digits),
+  - precision, recall, density, coverage on k-NN manifolds (k = evaluate.prdc_k) against the
+    reference's feature rows (when the reference npz holds them),
+  - class coverage from the feature network's predicted classes against the data's label histogram:
+    class_kl = KL(p_data ‖ p_gen), class_tv, classes_missing (evaluate.classifier),
+and for every entry the normalised path energy, the NFE and the training coupling's mean cost.
+
+Examples:
   python stages/evaluate.py --spec results/moons/runs/fm/spec_evaluate.json --data results/moons/toy.safetensors \\
       --samples results/moons/runs/fm/seed0/samples --train-summary results/moons/runs/fm/seed0/train_summary.json \\
       --out results/moons/runs/fm/seed0/metrics
+  python stages/evaluate.py --spec results/digits/runs/fm/spec_evaluate.json \\
+      --reference results/digits/reference/feature-net.npz --feature-net results/digits/feature_net/model.safetensors \\
+      --samples results/digits/runs/fm/seed0/samples --train-summary results/digits/runs/fm/seed0/train_summary.json \\
+      --out results/digits/runs/fm/seed0/metrics
 """
 
 from __future__ import annotations
@@ -25,15 +41,90 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sourceflow import cli  # noqa: E402
 
 
+def image_mode(a) -> None:
+    import numpy as np
+    import torch
+    import zarr
+
+    from sourceflow.config import load_spec
+    from sourceflow.io import read_json, write_json
+    from sourceflow.metrics.features import extract_features, load_feature_extractor
+    from sourceflow.metrics.frechet import FeatureStats, frechet_distance, read_reference_npz
+    from sourceflow.metrics.paths import normalized_path_energy
+    from sourceflow.metrics.prdc import class_coverage, label_histogram, prdc
+
+    spec = load_spec(a.spec)
+    ev = spec["evaluate"]
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ref = read_reference_npz(a.reference)
+    kind = "inception" if ev["features"] in ("inception", "adm") else "feature-net"
+    path = a.inception if kind == "inception" else a.feature_net
+    if path is None:
+        raise ValueError(f"evaluate.features {ev['features']!r} needs --{'inception' if kind == 'inception' else 'feature-net'}")
+    extractor = load_feature_extractor(kind, path, device)
+    if extractor.dim != ref["mu"].shape[0]:
+        raise ValueError(f"{a.reference}: {ref['mu'].shape[0]}-d statistics, but the {kind} features are "
+                         f"{extractor.dim}-d (reference and features disagree)")
+    classifier = None
+    if ev["classifier"]:
+        if a.feature_net is None:
+            raise ValueError("evaluate.classifier needs --feature-net (class coverage uses its predictions)")
+        classifier = extractor if kind == "feature-net" else load_feature_extractor("feature-net", a.feature_net, device)
+        if "label_hist" not in ref:
+            raise ValueError(f"{a.reference}: no label_hist (the data's class histogram) for class coverage")
+    summary = read_json(a.train_summary)
+    records = {}
+    for tag in sorted(read_json(Path(a.samples) / "index.json")):
+        d = Path(a.samples) / tag
+        info = read_json(d / "info.json")
+        z = zarr.open_group(str(d / "samples.zarr"), mode="r")
+        if not z.attrs.get("complete", False):
+            raise ValueError(f"{d}/samples.zarr is incomplete (re-run the sample stage)")
+        mt = {"path_energy": normalized_path_energy(np.asarray(z["energy"][:]), np.asarray(z["displacement"][:])),
+              "nfe": info["nfe"], "coupling_cost": summary["coupling_cost"], "num_samples": info["num_samples"]}
+        if info["num_samples"] >= ev["min_samples"]:
+            with np.load(d / "samples.npz") as f:
+                images = f["arr_0"]
+            feats = extract_features(extractor, images, ev["batch_size"])
+            st = FeatureStats(extractor.dim)
+            st.update(feats.features)
+            mt["fd"] = frechet_distance(st.mu, st.sigma, ref["mu"], ref["sigma"])
+            if "features" in ref:
+                mt.update({k: v for k, v in prdc(ref["features"], feats.features, k=ev["prdc_k"], device=device)
+                           .as_dict().items() if k in ("precision", "recall", "density", "coverage")})
+            if classifier is not None:
+                pred = feats.labels if classifier is extractor else extract_features(classifier, images, ev["batch_size"]).labels
+                cov = class_coverage(ref["label_hist"], label_histogram(pred, len(ref["label_hist"])))
+                mt.update({"class_kl": cov["kl"], "class_tv": cov["tv"], "classes_missing": cov["classes_missing"]})
+        records[tag] = {"dataset": spec["data"], "experiment": spec["name"], "method": spec["method"],
+                        "solver": info["solver"], "steps": info["steps"], "nfe": info["nfe"], "seed": a.seed,
+                        "metrics": mt}
+        write_json(Path(a.out) / f"{tag}.json", records[tag])
+        fd = f"FD {mt['fd']:.3f}" if "fd" in mt else f"no FD ({info['num_samples']} samples)"
+        print(f"{tag}: {fd}  path energy {mt['path_energy']:.4f}  NFE {info['nfe']}")
+    write_json(Path(a.out) / "all.json", list(records.values()))
+
+
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--spec", required=True, help="resolved experiment spec: a JSON file or JSON text")
-    p.add_argument("--data", required=True, help="toy data .safetensors (the test split is the reference)")
+    p.add_argument("--data", default=None, help="toy data .safetensors (the test split is the reference)")
+    p.add_argument("--reference", default=None, help="images: reference statistics npz (reference_stats; ADM keys)")
+    p.add_argument("--feature-net", default=None,
+                   help="images: feature network (train_feature_net) for FD features and/or class coverage")
+    p.add_argument("--inception", default=None, help="images: clean-fid's inception-2015-12-05.pt for FID features")
+    p.add_argument("--device", default=None, help="torch device for the features (unset: cuda if available, else cpu)")
     p.add_argument("--samples", required=True, help="samples directory written by the sample stage")
     p.add_argument("--train-summary", required=True, help="train_summary.json of the run")
     p.add_argument("--out", required=True, help="metrics directory")
     cli.add_common(p)
     a = p.parse_args()
+    cli.set_threads(a.threads)
+    if (a.data is None) == (a.reference is None):
+        raise ValueError("give either --data (toy points) or --reference (images)")
+    if a.reference is not None:
+        image_mode(a)
+        return
 
     from concurrent.futures import ThreadPoolExecutor
 

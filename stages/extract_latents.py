@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--manifest", required=True, help="manifest.parquet (manifest.json beside it)")
     p.add_argument("--image-root", default=None, help="image root; default: the root recorded in manifest.json")
     p.add_argument("--split", default="train", choices=["train", "test"], help="manifest split to encode")
-    p.add_argument("--encoder", required=True, choices=["pixels", "dinov2", "siglip2", "mae", "sd-vae"],
+    p.add_argument("--encoder", required=True, choices=["pixels", "dinov2", "siglip2", "mae", "sd-vae", "rae"],
                    help="image encoder (see sourceflow/encoders)")
     p.add_argument("--weights", default=None,
                    help="encoder weights: a local save_pretrained folder or a hub id; left out: the encoder's "

@@ -11,7 +11,8 @@ feature network (--features feature-net --feature-net WEIGHTS) or clean-fid's In
 inception --inception FILE, "clean" bicubic resize to 299, 2048-d pool features). Writes an npz with
 the ADM keys mu (float64 [F]) and sigma (float64 [F, F], unbiased N−1 covariance), plus features
 (float32 [n, F], for precision/recall; all N images, or a seeded random subset of --max-features) with
-features_index (int64 [n], their manifest index), label_hist (float64 [classes], fraction of images per true
+features_index (int64 [n], their manifest index), with --holdout-split the FD of that split's images to
+these statistics (holdout_fd, holdout_count: the data floor), label_hist (float64 [classes], fraction of images per true
 label, when the manifest has labels) and, for the feature network, pred_label_hist (the same for its
 predicted labels, the classifier's own view of real data).
 
@@ -70,7 +71,7 @@ def image_mode(a) -> None:
     from sourceflow.data.images import iter_image_batches
     from sourceflow.data.manifest import read_manifest
     from sourceflow.metrics.features import load_feature_extractor
-    from sourceflow.metrics.frechet import FeatureStats, save_reference_npz
+    from sourceflow.metrics.frechet import FeatureStats, frechet_distance, save_reference_npz
     from sourceflow.metrics.prdc import label_histogram
 
     if a.features is None:
@@ -117,6 +118,15 @@ def image_mode(a) -> None:
     if preds is not None:
         extra["pred_label_hist"] = label_histogram(preds, extractor.num_classes)
     extra["features_index"] = m.frame["index"].to_numpy()[keep]
+    if a.holdout_split:
+        held = read_manifest(a.manifest).split(a.holdout_split)
+        hstats = FeatureStats(extractor.dim, device="cpu")
+        for _, images in iter_image_batches(held, res, a.batch_size, a.workers, desc=f"{a.holdout_split} features"):
+            hstats.update(torch.from_numpy(extractor(images).features))
+        extra["holdout_fd"] = np.array(frechet_distance(hstats.mu, hstats.sigma, stats.mu, stats.sigma))
+        extra["holdout_count"] = np.array(hstats.n)
+        print(f"data floor: FD of the {hstats.n} {a.holdout_split} images to these statistics "
+              f"{float(extra['holdout_fd']):.4f}")
     save_reference_npz(a.out, stats.mu, stats.sigma, features=feats, label_hist=label_hist, **extra)
     msg = f"wrote {a.out}: {a.features} features of {n} {a.split} images at {res}px, {extractor.dim}-d"
     if preds is not None and label_hist is not None:
@@ -137,6 +147,9 @@ def main() -> None:
     p.add_argument("--feature-net", default=None, help="image mode: feature network .safetensors (train_feature_net)")
     p.add_argument("--inception", default=None,
                    help="image mode: clean-fid's inception-2015-12-05.pt (a file, or the folder holding it)")
+    p.add_argument("--holdout-split", default=None, choices=["train", "test"],
+                   help="image mode: also store holdout_fd, the FD of this split's images to the reference "
+                        "statistics (the finite-sample floor a perfect generator would score)")
     p.add_argument("--batch-size", type=int, default=256, help="image mode: images per forward pass")
     p.add_argument("--max-images", type=int, default=0, help="image mode: use only N images of the split, a random subset drawn with --seed (0: all)")
     p.add_argument("--max-features", type=int, default=50000,

@@ -1,9 +1,11 @@
 """report: collect every run's metrics into results/report/.
 
 Writes metrics.csv (long form: dataset, experiment, method, solver, steps, nfe, metric, value,
-seed), summary.md (W2² over the sweep, straightness, coupling cost, per-condition W2²), w2_vs_nfe.png,
-training_curves.png (loss and coupling cost against step for every run) and one samples_{dataset}.png grid per dataset (each experiment's first seed at the configured Euler
-step counts, next to the data).
+seed), summary.md (toy data: W2² over the sweep and per condition; images: FD, precision, recall and
+class coverage over the sweep; straightness and coupling cost), w2_vs_nfe.png (toy datasets),
+fd_vs_nfe.png (image datasets), training_curves.png (loss and coupling cost against step for every run)
+and one samples_{dataset}.png per dataset: each experiment's first seed at the configured Euler step
+counts next to the data (scatter plots for toy data, image tiles for images).
 
 Example:
   python stages/report.py --runs results/moons/runs/*/seed* --data moons=results/moons/toy.safetensors \\
@@ -23,19 +25,29 @@ from sourceflow import cli  # noqa: E402
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--runs", nargs="+", required=True, help="run directories (each with metrics/ and samples/)")
-    p.add_argument("--data", nargs="+", default=[], help="DATASET=PATH of toy data, for the scatter reference")
-    p.add_argument("--reference", nargs="+", default=[],
+    p.add_argument("--data", nargs="*", default=[], help="DATASET=PATH of toy data, for the scatter reference")
+    p.add_argument("--reference", nargs="*", default=[],
                    help="DATASET=PATH of reference_stats JSON (the data's own W2² floor, shown in table and plot)")
-    p.add_argument("--scatter-steps", type=int, nargs="+", default=[1, 2, 8], help="Euler steps shown in the grids")
+    p.add_argument("--images", nargs="*", default=[],
+                   help="DATASET=MANIFEST of image datasets: real images for the grid's data column")
+    p.add_argument("--fd-reference", nargs="*", default=[],
+                   help="DATASET=NPZ reference statistics whose holdout_fd is the FD floor shown in the table")
+    p.add_argument("--scatter-steps", type=int, nargs="+", default=[1, 2, 8], help="Euler steps shown in the toy grids")
     p.add_argument("--scatter-points", type=int, default=2000, help="points per scatter panel")
+    p.add_argument("--grid-steps", type=int, nargs="+", default=[1, 2, 4, 50], help="Euler steps shown in the image grids")
+    p.add_argument("--grid-images", type=int, default=36, help="images per cell of the image grids")
     p.add_argument("--out", required=True, help="report directory")
     a = p.parse_args()
 
     import numpy as np
 
     from sourceflow.build import load_points
+    from sourceflow.data.images import load_images
+    from sourceflow.data.manifest import read_manifest
     from sourceflow.io import atomic_path, read_json
+    from sourceflow.metrics.frechet import read_reference_npz
     from sourceflow.report import (
+        image_grid_png,
         metrics_frame,
         scatter_grid_png,
         training_curves_png,
@@ -58,7 +70,15 @@ def main() -> None:
     with atomic_path(out / "metrics.csv") as tmp:
         df.to_csv(tmp, index=False)
     floors = {ds: read_json(path)["w2sq"] for ds, path in (item.split("=", 1) for item in a.reference)}
-    w2_vs_nfe_png(out / "w2_vs_nfe.png", df, floors=floors)
+    fd_floors = {}
+    for ds, path in (item.split("=", 1) for item in a.fd_reference):
+        ref = read_reference_npz(path)
+        if "holdout_fd" in ref:
+            fd_floors[ds] = float(ref["holdout_fd"])
+    if (df.metric == "w2sq").any():
+        w2_vs_nfe_png(out / "w2_vs_nfe.png", df, floors=floors)
+    if (df.metric == "fd").any():
+        w2_vs_nfe_png(out / "fd_vs_nfe.png", df, metric="fd", floors=fd_floors)
     logs: dict[str, list[Path]] = {}
     for run in a.runs:
         log = Path(run) / "train_log.jsonl"
@@ -83,7 +103,24 @@ def main() -> None:
                         samples[exp][c] = z["x"]
         ref = load_points(data_paths[ds], "test").x.numpy()
         scatter_grid_png(out / f"samples_{ds}.png", samples, cols, ref, a.scatter_points)
-    write_summary(out / "summary.md", df, floors=floors)
+    grid_cols = [f"euler-{s}" for s in a.grid_steps]
+    for ds, manifest in (item.split("=", 1) for item in a.images):
+        tiles = {}
+        for (d, exp), (_, run) in first_seed.items():
+            if d != ds:
+                continue
+            tiles[exp] = {}
+            for c in grid_cols:
+                f = run / "samples" / c / "samples.npz"
+                if f.exists():
+                    with np.load(f) as z:
+                        tiles[exp][c] = z["arr_0"][:a.grid_images]
+        m = read_manifest(manifest).split("train")
+        rows = np.random.default_rng(0).choice(len(m.frame), min(a.grid_images, len(m.frame)), replace=False)
+        m.frame = m.frame.iloc[np.sort(rows)].reset_index(drop=True)
+        real = load_images(m, int(m.meta["resolution"]))
+        image_grid_png(out / f"samples_{ds}.png", tiles, grid_cols, real, a.grid_images)
+    write_summary(out / "summary.md", df, floors=floors, fd_floors=fd_floors)
     print(f"report: {out}/summary.md ({len(df)} metric rows from {len(a.runs)} runs)")
 
 

@@ -8,9 +8,11 @@ returns float32 tensors on the encoder's device. ``load_encoder`` is the one ent
 - ``siglip2``: SigLIP / SigLIP2 vision tower; CLS = attention-pool head output, patch tokens as above.
 - ``mae``: ViT-MAE encoder with mask ratio 0 (identity patch order); CLS = token 0.
 - ``sd-vae``: the Stable Diffusion VAE (diffusers AutoencoderKL); decodable.
+- ``rae``: a Representation Autoencoder (diffusers AutoencoderRAE; DINOv2-B with registers by default);
+  spatial = RAE's normalised latent, CLS = token 0 of the same encoder forward; decodable.
 
 Weights are ``from_pretrained(path_or_hub_id)`` folders (``save_pretrained`` layout: config.json +
-model.safetensors). Nothing here downloads anything at import time; a missing local folder is a one-line
+*.safetensors). Nothing here downloads anything at import time; a missing local folder is a one-line
 error naming the folder.
 """
 
@@ -20,9 +22,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-ENCODERS = ("pixels", "dinov2", "siglip2", "mae", "sd-vae")
+ENCODERS = ("pixels", "dinov2", "siglip2", "mae", "sd-vae", "rae")
 OPTIONS: dict[str, tuple[str, ...]] = {"pixels": ("pool",), "dinov2": ("input_size",), "siglip2": ("input_size",),
-                                       "mae": ("input_size",), "sd-vae": ()}
+                                       "mae": ("input_size",), "sd-vae": (), "rae": ()}
 
 
 @runtime_checkable
@@ -51,7 +53,8 @@ def load_encoder(name: str, weights: str | None, resolution: int, device: str | 
     ``weights`` is a local ``save_pretrained`` folder or a Hugging Face hub id (``None``: the encoder's
     default id, which only works where the hub or its cache is reachable). Options per encoder:
     pixels: ``pool`` (side length of the average-pooled CLS); dinov2 / siglip2 / mae: ``input_size``
-    (resize the images to this side, bicubic, before the model; RAE feeds DINOv2 224 px); sd-vae: none.
+    (resize the images to this side, bicubic, before the model; RAE feeds DINOv2 224 px); sd-vae, rae: none
+    (an RAE resizes to its own encoder input size and decodes at its decoder's size, resized to ``resolution``).
     Options that are ``None`` are ignored.
     """
     options = {k: v for k, v in options.items() if v is not None}
@@ -77,6 +80,10 @@ def load_encoder(name: str, weights: str | None, resolution: int, device: str | 
         from sourceflow.encoders.vae import load_sd_vae
 
         enc = load_sd_vae(weights, resolution, **options)
+    elif name == "rae":
+        from sourceflow.encoders.rae import load_rae
+
+        enc = load_rae(weights, resolution, **options)
     else:
         raise ValueError(f"unknown encoder {name!r} (choose from {', '.join(ENCODERS)})")
     return enc.to(device)  # type: ignore[attr-defined]

@@ -19,6 +19,8 @@ from torch import nn
 from sourceflow.models.dit import sincos_2d, unpatchify
 from sourceflow.models.embed import CondSpec, unpack_text
 
+MEAN_INIT_STD = 0.02  # the mean head's initial weights (ViT-style head init)
+
 
 class Attention(nn.Module):
     """Multi-head attention via ``F.scaled_dot_product_attention``; ``mask`` [B, M] is True where a key
@@ -80,8 +82,9 @@ class PerceiverSource(nn.Module):
     is always attendable, so an all-padding row (e.g. a dropped caption) attends only to it: a finite,
     condition-independent output instead of the NaN that a fully masked softmax gives.
 
-    Both heads start at zero, so the initial source is exactly N(0, I) for every condition (mean 0,
-    log-variance 0). CSFM's own initialisation may differ.
+    The log-variance head starts at zero and the mean head small (std ``MEAN_INIT_STD``), so the initial
+    source is close to N(0, I) for every condition (see the comment at the heads for why not exactly 0).
+    CSFM's own initialisation may differ.
     """
 
     def __init__(self, cond: CondSpec, event_shape: tuple[int, int, int], patch: int = 1, width: int = 128,
@@ -115,10 +118,14 @@ class PerceiverSource(nn.Module):
         out = c * patch * patch
         self.mean_head = nn.Linear(width, out)
         self.logvar_head = nn.Linear(width, out) if learn_var else None
-        for head in (self.mean_head, self.logvar_head):
-            if head is not None:
-                nn.init.zeros_(head.weight)
-                nn.init.zeros_(head.bias)
+        # The mean head starts small and random, not at zero: CSFM's alignment loss normalises μ per token,
+        # which is singular at μ = 0 (its first step would throw μ in a random direction). The
+        # log-variance head starts at zero (σ = 1).
+        nn.init.normal_(self.mean_head.weight, std=MEAN_INIT_STD)
+        nn.init.zeros_(self.mean_head.bias)
+        if self.logvar_head is not None:
+            nn.init.zeros_(self.logvar_head.weight)
+            nn.init.zeros_(self.logvar_head.bias)
 
     def context(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition -> context tokens [B, M + 1, width] and key mask [B, M + 1] (last = null token)."""

@@ -50,6 +50,11 @@ def write_stage_spec(exp, stage, path, log):
         f.write(f"wrote {path} ({stage_spec_hash(exp, stage)})\n")
 
 
+def model_run(exp):
+    """The experiment whose trained model ``exp`` samples: itself, or its ``model_from``."""
+    return SPECS[exp].get("model_from") or exp
+
+
 def spec_file(stage):
     """Input function: the experiment's spec file for ``stage``."""
     return lambda wc: f"{R}/{SPECS[wc.exp]['data']}/runs/{wc.exp}/spec_{stage}.json"
@@ -64,20 +69,109 @@ def runs():
     return [(s["data"], name, seed) for name, s in SPECS.items() for seed in s["seeds"]]
 
 
-def data_file(wc):
-    return f"{R}/{SPECS[wc.exp]['data']}/toy.safetensors"
+def is_image_run(wc):
+    return SPECS[wc.exp]["dataset"]["kind"] in IMAGE_KINDS
 
 
-def gmm_file(wc):
-    """The CLS GMM an mmfm experiment needs (empty list otherwise)."""
+def run_data_inputs(wc):
+    """What a run reads: the toy file, or the latent store (its completion report), statistics, manifest,
+    caption embeddings (text conditioning) and the GMMs (mmfm)."""
     s = SPECS[wc.exp]
-    if s["source"]["kind"] != "gmm":
-        return []
-    return f"{R}/{s['data']}/points/gmm/cls_K{s['source']['components']}.safetensors"
+    d = s["data"]
+    if not is_image_run(wc):
+        inputs = {"data": f"{R}/{d}/toy.safetensors"}
+        if s["source"]["kind"] == "gmm":
+            inputs["gmm"] = f"{R}/{d}/points/gmm/cls_K{s['source']['components']}.safetensors"
+        return inputs
+    enc = s["encoder"]
+    inputs = {"latents": latents_done(d, enc), "stats": f"{R}/{d}/{enc}/latent_stats.safetensors",
+              "manifest": f"{R}/{d}/manifest.parquet"}
+    if s["conditioning"] == "text":
+        inputs["captions"] = f"{R}/{d}/captions/{s['text_encoder']}.zarr"
+    if s["source"]["kind"] == "gmm":
+        k = s["source"]["components"]
+        inputs["gmm"] = f"{R}/{d}/{enc}/gmm/cls_K{k}.safetensors"
+        inputs["source_gmm"] = f"{R}/{d}/{enc}/gmm/spatial_K{k}.safetensors"
+    return inputs
 
 
-def gmm_flag(wc, input):
-    return f"--gmm {input.gmm}" if input.gmm else ""
+def run_data_args(wc, input):
+    """The data flags of train / sample for ``run_data_inputs``."""
+    keys = input.keys()
+    if "data" in keys:
+        args = f"--data {input.data}"
+    else:
+        s = SPECS[wc.exp]
+        args = (f"--latents {latents_store(s['data'], s['encoder'])} --stats {input.stats} "
+                f"--manifest {input.manifest}")
+        if "captions" in keys:
+            args += f" --captions {input.captions}"
+    if "gmm" in keys:
+        args += f" --gmm {input.gmm}"
+    if "source_gmm" in keys:
+        args += f" --source-gmm {input.source_gmm}"
+    return args
+
+
+def sample_inputs(wc):
+    """A run's data, its model and (autoguidance) the guide run's model and training spec."""
+    inputs = {**run_data_inputs(wc), "spec": spec_file("sample")(wc),
+              "model": f"{run_dir(wc.dataset, model_run(wc.exp), wc.seed)}/model.safetensors"}
+    guide = SPECS[wc.exp]["sample"].get("autoguidance")
+    if guide is not None:
+        g = model_run(guide["experiment"])
+        inputs["guide_model"] = f"{run_dir(SPECS[g]['data'], g, wc.seed)}/model.safetensors"
+        inputs["guide_spec"] = f"{R}/{SPECS[g]['data']}/runs/{g}/spec_train.json"
+    return inputs
+
+
+def guide_args(wc, input):
+    keys = input.keys()
+    return f"--guide-model {input.guide_model} --guide-spec {input.guide_spec}" if "guide_model" in keys else ""
+
+
+def evaluate_inputs(wc):
+    """Toy runs: the data (held-out points); image runs: the reference statistics and the feature network."""
+    s = SPECS[wc.exp]
+    d = s["data"]
+    inputs = {"spec": spec_file("evaluate")(wc),
+              "samples": f"{run_dir(wc.dataset, wc.exp, wc.seed)}/samples/index.json",
+              "summary": f"{run_dir(wc.dataset, model_run(wc.exp), wc.seed)}/train_summary.json"}
+    if not is_image_run(wc):
+        inputs["data"] = f"{R}/{d}/toy.safetensors"
+        return inputs
+    ev = s["evaluate"]
+    inputs["reference"] = f"{R}/{d}/reference/{ev['features']}.npz"
+    if ev["features"] == "feature-net" or ev["classifier"]:
+        inputs["feature_net"] = f"{R}/{d}/feature_net/model.safetensors"
+    return inputs
+
+
+def evaluate_args(wc, input):
+    keys = input.keys()
+    if "data" in keys:
+        return f"--data {input.data}"
+    args = f"--reference {input.reference}"
+    if "feature_net" in keys:
+        args += f" --feature-net {input.feature_net}"
+    if SPECS[wc.exp]["evaluate"]["features"] in ("inception", "adm"):
+        ref = config["datasets"][SPECS[wc.exp]["data"]].get("reference", {})
+        if not ref.get("inception_path"):
+            raise WorkflowError(f"config: datasets.{SPECS[wc.exp]['data']}.reference.inception_path: needed for FID "
+                                f"of experiment {wc.exp}")
+        args += f" --inception {ref['inception_path']}"
+    return args
+
+
+def run_gpu(stage):
+    """Resource function: GPUs of a run's ``stage`` job (train: train.gpus, one process per GPU;
+    sample / evaluate: one GPU when the experiment trains on GPUs)."""
+
+    def gpu(wc):
+        n = SPECS[wc.exp]["train"]["gpus"]
+        return n if stage == "train" else min(n, 1)
+
+    return gpu
 
 
 def train_launcher(wc, resources):
@@ -90,14 +184,25 @@ def train_launcher(wc, resources):
     return "python"
 
 
+def run_datasets(image):
+    """Datasets with runs: the image ones (``image=True``) or the toy ones."""
+    return sorted({d for d, e, _ in runs() if (SPECS[e]["dataset"]["kind"] in IMAGE_KINDS) == image})
+
+
+def fd_reference(d):
+    """The reference statistics the report's FD floor comes from: the one most of a dataset's runs use."""
+    feats = [s["evaluate"]["features"] for s in SPECS.values() if s["data"] == d]
+    return f"{R}/{d}/reference/{max(set(feats), key=feats.count)}.npz"
+
+
 def report_outputs():
-    datasets = sorted({d for d, _, _ in runs()})
-    if not datasets:
+    toy, image = run_datasets(False), run_datasets(True)
+    if not toy and not image:
         return []
-    return [f"{R}/report/metrics.csv", f"{R}/report/summary.md", f"{R}/report/w2_vs_nfe.png",
-            f"{R}/report/training_curves.png"] + [
-        f"{R}/report/samples_{d}.png" for d in datasets
-    ]
+    out = [f"{R}/report/metrics.csv", f"{R}/report/summary.md", f"{R}/report/training_curves.png"]
+    out += [f"{R}/report/w2_vs_nfe.png"] if toy else []
+    out += [f"{R}/report/fd_vs_nfe.png"] if image else []
+    return out + [f"{R}/report/samples_{d}.png" for d in toy + image]
 
 
 # ---- image datasets: which artifacts the config asks for -------------------------------------------
@@ -292,6 +397,9 @@ def reference_args(wc, input):
         return f"--adm-npz {ref['adm_npz']}"
     res = dataset(wc)["resolution"]
     args = f"--manifest {input.manifest} --split {ref['split']} --resolution {res} --batch-size {ref['batch_size']} "
+    ds = dataset(wc)
+    if ref["split"] == "train" and (ds.get("test_root") or ds.get("test_fraction", 0) > 0):
+        args += "--holdout-split test "
     if wc.features == "feature-net":
         return args + f"--features feature-net --feature-net {input.net}"
     return args + f"--features inception --inception {ref['inception_path']}"

@@ -1,15 +1,14 @@
-# Evaluation: W2 / per-condition W2 / straightness / coupling cost for every sampled sweep entry.
+# Evaluation of every sampled sweep entry: toy runs W2 / per-condition W2 / straightness / coupling cost;
+# image runs FD, precision / recall, class coverage, straightness, coupling cost.
 
 
 rule evaluate:
     input:
-        spec=spec_file("evaluate"),
-        samples=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/samples/index.json",
-        summary=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/train_summary.json",
-        data=data_file,
+        unpack(evaluate_inputs),
     output:
         metrics=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/metrics/all.json",
     params:
+        data=evaluate_args,
         samples=lambda wc: f"{run_dir(wc.dataset, wc.exp, wc.seed)}/samples",
         out=lambda wc: f"{run_dir(wc.dataset, wc.exp, wc.seed)}/metrics",
     log:
@@ -20,9 +19,9 @@ rule evaluate:
         "../../envs/eval.yaml"
     threads: 1
     resources:
-        gpu=0,
+        gpu=run_gpu("evaluate"),
         mem_mb=4000,
         runtime=30,
     shell:
-        "python stages/evaluate.py --spec {input.spec} --data {input.data} --samples {params.samples} "
+        "python stages/evaluate.py --spec {input.spec} {params.data} --samples {params.samples} "
         "--train-summary {input.summary} --out {params.out} --seed {wildcards.seed} --threads {threads} > {log} 2>&1"

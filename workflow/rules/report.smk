@@ -1,26 +1,35 @@
-# The report: metrics.csv (long form), summary.md, W2-vs-NFE plot and sample grids.
+# The report: metrics.csv (long form), summary.md, W2-vs-NFE (toy) and FD-vs-NFE (images) plots, sample
+# grids and training curves.
+
+
+def _report(name, caption, category):
+    return report(f"{R}/report/{name}", caption=f"../report/{caption}", category=category)
 
 
 rule report:
     input:
         metrics=[f"{run_dir(d, e, s)}/metrics/all.json" for d, e, s in runs()],
-        data=sorted({f"{R}/{d}/toy.safetensors" for d, _, _ in runs()}),
-        reference=sorted({f"{R}/{d}/reference/points_w2.json" for d, _, _ in runs()}),
+        data=[f"{R}/{d}/toy.safetensors" for d in run_datasets(False)],
+        reference=[f"{R}/{d}/reference/points_w2.json" for d in run_datasets(False)],
+        manifests=[f"{R}/{d}/manifest.parquet" for d in run_datasets(True)],
+        fd_reference=[fd_reference(d) for d in run_datasets(True)],
     output:
         csv=f"{R}/report/metrics.csv",
-        summary=report(f"{R}/report/summary.md", caption="../report/summary.rst", category="Results"),
-        w2=report(f"{R}/report/w2_vs_nfe.png", caption="../report/w2_vs_nfe.rst", category="Results"),
-        curves=report(f"{R}/report/training_curves.png", caption="../report/training_curves.rst", category="Training"),
-        grids=[
-            report(f"{R}/report/samples_{d}.png", caption="../report/samples.rst", category="Samples")
-            for d in sorted({d for d, _, _ in runs()})
-        ],
+        summary=_report("summary.md", "summary.rst", "Results"),
+        curves=_report("training_curves.png", "training_curves.rst", "Training"),
+        plots=[_report("w2_vs_nfe.png", "w2_vs_nfe.rst", "Results")] * bool(run_datasets(False))
+        + [_report("fd_vs_nfe.png", "fd_vs_nfe.rst", "Results")] * bool(run_datasets(True)),
+        grids=[_report(f"samples_{d}.png", "samples.rst", "Samples") for d in run_datasets(False) + run_datasets(True)],
     params:
         runs=[run_dir(d, e, s) for d, e, s in runs()],
-        data=" ".join(sorted({f"{d}={R}/{d}/toy.safetensors" for d, _, _ in runs()})),
-        reference=" ".join(sorted({f"{d}={R}/{d}/reference/points_w2.json" for d, _, _ in runs()})),
+        data=" ".join(f"{d}={R}/{d}/toy.safetensors" for d in run_datasets(False)),
+        reference=" ".join(f"{d}={R}/{d}/reference/points_w2.json" for d in run_datasets(False)),
+        images=" ".join(f"{d}={R}/{d}/manifest.parquet" for d in run_datasets(True)),
+        fd_reference=" ".join(f"{d}={fd_reference(d)}" for d in run_datasets(True)),
         steps=" ".join(str(s) for s in config["report"]["scatter_steps"]),
         points=config["report"]["scatter_points"],
+        grid_steps=" ".join(str(s) for s in config["report"]["grid_steps"]),
+        grid_images=config["report"]["grid_images"],
         out=lambda wc, output: os.path.dirname(output.csv),
     log:
         f"{R}/logs/report.log",
@@ -34,5 +43,6 @@ rule report:
         runtime=10,
     shell:
         "python stages/report.py --runs {params.runs} --data {params.data} --reference {params.reference} "
-        "--scatter-steps {params.steps} "
-        "--scatter-points {params.points} --out {params.out} > {log} 2>&1"
+        "--images {params.images} --fd-reference {params.fd_reference} "
+        "--scatter-steps {params.steps} --scatter-points {params.points} "
+        "--grid-steps {params.grid_steps} --grid-images {params.grid_images} --out {params.out} > {log} 2>&1"

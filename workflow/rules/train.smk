@@ -3,14 +3,13 @@
 
 rule train:
     input:
+        unpack(run_data_inputs),
         spec=spec_file("train"),
-        data=data_file,
-        gmm=gmm_file,
     output:
         model=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/model.safetensors",
         summary=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/train_summary.json",
     params:
-        gmm=gmm_flag,
+        data=run_data_args,
         launch=train_launcher,
         out=lambda wc: run_dir(wc.dataset, wc.exp, wc.seed),
         threads=lambda wc: SPECS[wc.exp]["train"]["threads"],
@@ -23,9 +22,9 @@ rule train:
     threads: lambda wc: SPECS[wc.exp]["train"]["processes"] * SPECS[wc.exp]["train"]["threads"]
     priority: 2  # long jobs first, so the short ones fill both cores at the end
     resources:
-        gpu=0,
+        gpu=run_gpu("train"),
         mem_mb=4000,
         runtime=120,
     shell:
-        "{params.launch} stages/train.py --spec {input.spec} --data {input.data} {params.gmm} "
+        "{params.launch} stages/train.py --spec {input.spec} {params.data} "
         "--out {params.out} --seed {wildcards.seed} --threads {params.threads} > {log} 2>&1"
