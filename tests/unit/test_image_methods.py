@@ -52,6 +52,9 @@ CASES = {
                    "regularizers": {"focal_gamma": 2.0, "focal_ema": 0.9, "focal_clip": [0.3, 3.0]}},
     "csfm": {"conditioning": "text", "source": {"kind": "learned", "width": 32, "depth": 1, "heads": 2, "patch": 2}},
     "csfm-label": {"conditioning": "label", "source": {"kind": "learned", "width": 32, "depth": 1, "heads": 2}},
+    "fm-unet": {"conditioning": "label",
+                "overrides": {"model": {"kind": "unet", "block_out_channels": [32, 64], "layers_per_block": 1}}},
+    "fm-ditdh-text": {"conditioning": "text", "overrides": {"model": {"size": "DiTDH-XT/2"}}},
 }
 
 
