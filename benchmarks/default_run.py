@@ -62,7 +62,7 @@ def main() -> None:
         per_rule[rule] = per_rule.get(rule, 0.0) + float(pd.read_csv(f, sep="\t")["s"].iloc[0])
     summary = Path(a.results, "report", "summary.md").read_text()
     today = dt.date.today().isoformat()
-    lines = [f"## Default toy workflow, {today}", "",
+    lines = [f"## Default workflow (toy + digits), {today}", "",
              f"- command: `{' '.join(['snakemake', '--cores', str(a.cores)])}` (config/config.yaml; "
              f"run as `python benchmarks/default_run.py --cores {a.cores}`)",
              f"- machine: {machine()}",

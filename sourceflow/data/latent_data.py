@@ -157,7 +157,7 @@ def load_latent_data(store_path: str | Path, stats_path: str | Path, manifest_pa
     if len(missing):
         raise ValueError(f"{store_path}: {len(missing)} store rows name images absent from {manifest_path} "
                          f"(first index {int(missing[0])})")
-    labels = frame["label"].reindex(index).fillna(-1).to_numpy(np.int64) if "label" in frame else np.full(len(index), -1)
+    labels = np.array(frame["label"].reindex(index).fillna(-1), dtype=np.int64) if "label" in frame else np.full(len(index), -1)
     # the CLS of each row's unflipped image: the first row holding that image index with flip == 0
     unflipped = np.flatnonzero(flip == 0)
     pos = {int(i): int(r) for r, i in zip(unflipped, index[unflipped], strict=True)}
