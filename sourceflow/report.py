@@ -40,24 +40,34 @@ def scatter_png(path: str | Path, x: np.ndarray, labels: np.ndarray | None, titl
 
 
 def training_curves_png(path: str | Path, logs: dict[str, list[Path]]) -> None:
-    """Loss and training-pair cost against step: one column per experiment, one line per seed."""
+    """Loss and training-pair cost against step: one column per experiment, one line per seed. Keys
+    ``"dataset/experiment"`` put each dataset's experiments in a block of two rows of their own."""
     plt = _plt()
-    exps = sorted(logs)
-    fig, axes = plt.subplots(2, len(exps), figsize=(3.2 * len(exps), 5.6), squeeze=False, sharex="col")
-    for j, exp in enumerate(exps):
-        for log in sorted(logs[exp]):
-            recs = [json.loads(ln) for ln in Path(log).read_text().splitlines() if ln.strip()]
-            steps = [r["step"] for r in recs]
-            label = Path(log).parent.name
-            axes[0, j].plot(steps, [r["loss"] for r in recs], lw=1, label=label)
-            axes[1, j].plot(steps, [r.get("coupling_cost", np.nan) for r in recs], lw=1, label=label)
-        axes[0, j].set_title(exp)
-        axes[0, j].set_yscale("log")
-        axes[0, j].yaxis.set_minor_formatter(plt.NullFormatter())
-        axes[1, j].set_xlabel("step")
-    axes[0, 0].set_ylabel("training loss")
-    axes[1, 0].set_ylabel("mean ‖x0 − x1‖² of training pairs")
-    axes[0, 0].legend(fontsize=7)
+    groups: dict[str, list[str]] = {}
+    for key in sorted(logs):
+        groups.setdefault(key.split("/", 1)[0] if "/" in key else "", []).append(key)
+    ncols = max(len(v) for v in groups.values())
+    fig, axes = plt.subplots(2 * len(groups), ncols, figsize=(3.2 * ncols, 2.8 * 2 * len(groups)), squeeze=False)
+    for g, (ds, keys) in enumerate(groups.items()):
+        top, bottom = axes[2 * g], axes[2 * g + 1]
+        for j in range(len(keys), ncols):
+            top[j].set_visible(False)
+            bottom[j].set_visible(False)
+        for j, key in enumerate(keys):
+            for log in sorted(logs[key]):
+                recs = [json.loads(ln) for ln in Path(log).read_text().splitlines() if ln.strip()]
+                steps = [r["step"] for r in recs]
+                label = Path(log).parent.name
+                top[j].plot(steps, [r["loss"] for r in recs], lw=1, label=label)
+                bottom[j].plot(steps, [r.get("coupling_cost", np.nan) for r in recs], lw=1, label=label)
+            top[j].set_title(key.split("/", 1)[-1] + (f" ({ds})" if ds else ""), fontsize=9)
+            top[j].set_yscale("log")
+            top[j].yaxis.set_minor_formatter(plt.NullFormatter())
+            bottom[j].set_xlabel("step")
+        top[0].set_ylabel("training loss")
+        bottom[0].set_ylabel("mean ‖x0 − x1‖²\nof training pairs")
+        top[0].legend(fontsize=7)
+    fig.tight_layout()
     _save(fig, path)
 
 

@@ -83,7 +83,7 @@ def main() -> None:
     for run in a.runs:
         log = Path(run) / "train_log.jsonl"
         if log.exists():
-            logs.setdefault(Path(run).parent.name, []).append(log)
+            logs.setdefault(f"{Path(run).parent.parent.parent.name}/{Path(run).parent.name}", []).append(log)
     if logs:
         training_curves_png(out / "training_curves.png", logs)
     data_paths = dict(item.split("=", 1) for item in a.data)

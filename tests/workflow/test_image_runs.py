@@ -198,3 +198,12 @@ def test_fd_of_real_images_is_zero_and_grows_with_noise(repo, tmp_path):
     assert fd[0] < fd[10] < fd[40]
     m0 = json.loads((tmp_path / "metrics/euler-1.json").read_text())["metrics"]
     assert m0["precision"] == 1.0 and m0["recall"] == 1.0  # every point lies in its own k-NN ball
+
+
+def test_snakemake_report_includes_the_image_results(repo):
+    res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--report", "report.html"], cwd=repo,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    html = (repo / "report.html").read_text()
+    for name in ("fd_vs_nfe.png", "samples_digits.png", "summary.md", "training_curves.png"):
+        assert name in html, name
