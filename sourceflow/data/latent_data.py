@@ -31,7 +31,8 @@ class StoreRows:
     """Rows of a Zarr array, indexable like a tensor: ``rows[idx]`` → tensor of ``len(idx)`` rows.
 
     ``row_map`` maps dataset rows to array rows (identity when None); ``transform`` is applied to the
-    rows read (e.g. the latent normalization). With ``in_memory`` the whole array is read once.
+    rows read (e.g. the latent normalization). With ``in_memory`` the rows the map can reach are read
+    once, on first use (so a CLS table only MM-FM reads costs nothing for the other methods).
     """
 
     def __init__(self, array: Any, row_map: np.ndarray | None = None,
@@ -39,12 +40,17 @@ class StoreRows:
         self.array = array
         self.row_map = None if row_map is None else np.asarray(row_map, dtype=np.int64)
         self.transform = transform
+        self.in_memory = in_memory
         self.data: torch.Tensor | None = None
         n = len(self.row_map) if self.row_map is not None else int(array.shape[0])
         self.shape = (n, *(int(s) for s in array.shape[1:]))
-        if in_memory:
-            full = torch.from_numpy(np.ascontiguousarray(array[:]))
-            self.data = transform(full) if transform else full
+
+    def _load(self) -> torch.Tensor:
+        if self.data is None:
+            stop = int(self.row_map.max()) + 1 if self.row_map is not None and len(self.row_map) else None
+            full = torch.from_numpy(np.ascontiguousarray(self.array[:stop]))
+            self.data = self.transform(full) if self.transform else full
+        return self.data
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -54,8 +60,8 @@ class StoreRows:
             idx = np.arange(len(self))[idx]
         i = np.asarray(idx.cpu() if torch.is_tensor(idx) else idx, dtype=np.int64).reshape(-1)
         rows = self.row_map[i] if self.row_map is not None else i
-        if self.data is not None:
-            return self.data[torch.from_numpy(rows)]
+        if self.in_memory:
+            return self._load()[torch.from_numpy(rows)]
         # Zarr reads sorted unique rows best (orthogonal selection); restore the requested order after.
         uniq, inverse = np.unique(rows, return_inverse=True)
         out = torch.from_numpy(np.ascontiguousarray(self.array.get_orthogonal_selection((uniq,))))[torch.from_numpy(inverse)]

@@ -214,3 +214,21 @@ def test_image_experiment_config_errors():
         image_config("fm", overrides={"model": {"kind": "mlp"}})
     with pytest.raises(ConfigError, match="grad_accum: must divide batch_size"):
         image_config("fm", overrides={"train": {"grad_accum": 3}})
+
+
+def test_store_rows_read_per_batch_equal_rows_read_into_memory(tmp_path):
+    """The ImageNet path (rows read from Zarr per batch) returns what the in-memory path returns, in the
+    requested order, with repeats, through a row map and a transform."""
+    import zarr
+
+    g = np.random.default_rng(0)
+    arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(40, 3, 2), chunks=(4, 3, 2), dtype="float32")
+    arr[:] = g.normal(size=(40, 3, 2)).astype(np.float32)
+    row_map = np.concatenate([np.arange(20), np.arange(20)])  # 40 dataset rows over the first 20 array rows
+    lazy = StoreRows(arr, row_map, lambda t: 2 * t + 1, in_memory=False)
+    eager = StoreRows(arr, row_map, lambda t: 2 * t + 1, in_memory=True)
+    idx = torch.tensor([39, 3, 3, 25, 0, 17])
+    assert lazy.shape == eager.shape == (40, 3, 2)
+    assert torch.equal(lazy[idx], eager[idx])
+    assert torch.equal(eager[idx][0], 2 * torch.from_numpy(np.asarray(arr[19])) + 1)
+    assert eager.data.shape[0] == 20  # only the rows the map reaches were read
