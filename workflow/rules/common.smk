@@ -195,6 +195,11 @@ def fd_reference(d):
     return f"{R}/{d}/reference/{max(set(feats), key=feats.count)}.npz"
 
 
+def report_file(name, caption, category):
+    """A report/ output with its caption (workflow/report/*.rst) for `snakemake --report`."""
+    return report(f"{R}/report/{name}", caption=f"../report/{caption}", category=category)
+
+
 def report_outputs():
     toy, image = run_datasets(False), run_datasets(True)
     if not toy and not image:

@@ -2,10 +2,6 @@
 # grids and training curves.
 
 
-def _report(name, caption, category):
-    return report(f"{R}/report/{name}", caption=f"../report/{caption}", category=category)
-
-
 rule report:
     input:
         metrics=[f"{run_dir(d, e, s)}/metrics/all.json" for d, e, s in runs()],
@@ -15,11 +11,11 @@ rule report:
         fd_reference=[fd_reference(d) for d in run_datasets(True)],
     output:
         csv=f"{R}/report/metrics.csv",
-        summary=_report("summary.md", "summary.rst", "Results"),
-        curves=_report("training_curves.png", "training_curves.rst", "Training"),
-        plots=[_report("w2_vs_nfe.png", "w2_vs_nfe.rst", "Results")] * bool(run_datasets(False))
-        + [_report("fd_vs_nfe.png", "fd_vs_nfe.rst", "Results")] * bool(run_datasets(True)),
-        grids=[_report(f"samples_{d}.png", "samples.rst", "Samples") for d in run_datasets(False) + run_datasets(True)],
+        summary=report_file("summary.md", "summary.rst", "Results"),
+        curves=report_file("training_curves.png", "training_curves.rst", "Training"),
+        plots=[report_file("w2_vs_nfe.png", "w2_vs_nfe.rst", "Results")] * bool(run_datasets(False))
+        + [report_file("fd_vs_nfe.png", "fd_vs_nfe.rst", "Results")] * bool(run_datasets(True)),
+        grids=[report_file(f"samples_{d}.png", "samples.rst", "Samples") for d in run_datasets(False) + run_datasets(True)],
     params:
         runs=[run_dir(d, e, s) for d, e, s in runs()],
         data=" ".join(f"{d}={R}/{d}/toy.safetensors" for d in run_datasets(False)),
