@@ -110,6 +110,9 @@ class GMMSource(Source):
 
     ``means`` [K, *event_shape]; ``variances`` either [K] (spherical) or [K, *event_shape] (diagonal).
     Given ``mode`` the draw is mode-conditional; otherwise the mode is drawn by weight from ``u``.
+    Spherical standard deviations stay [K, 1, …] (broadcast), and the buffers are not part of the
+    state dict: the mixture is an input file, not training state (at ImageNet scale the means alone
+    are 8192 × 768×16×16 floats, 6.4 GB, which checkpoints and the EMA copy must not duplicate).
     """
 
     def __init__(self, weights: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
@@ -123,15 +126,15 @@ class GMMSource(Source):
         if variances.dim() > 1 and variance == "spherical":
             variances = variances.reshape(variances.shape[0], -1).mean(1)
         if variances.dim() == 1:
-            variances = variances.reshape(-1, *([1] * (means.dim() - 1))).expand_as(means).clone()
+            variances = variances.reshape(-1, *([1] * (means.dim() - 1)))
         if not (weights.shape[0] == means.shape[0] == variances.shape[0]):
             raise ValueError(f"GMM shapes disagree: weights {tuple(weights.shape)}, means {tuple(means.shape)}")
         self.event_shape = tuple(means.shape[1:])
         self.num_uniforms = 1
         self.num_modes = int(weights.shape[0])
-        self.register_buffer("weights", weights / weights.sum())
-        self.register_buffer("means", means)
-        self.register_buffer("stds", variances.clamp_min(0).sqrt())
+        self.register_buffer("weights", weights / weights.sum(), persistent=False)
+        self.register_buffer("means", means, persistent=False)
+        self.register_buffer("stds", variances.clamp_min(0).sqrt(), persistent=False)
 
     @classmethod
     def load(cls, path: str | Path, variance: str = "diag") -> GMMSource:

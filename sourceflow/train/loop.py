@@ -175,7 +175,9 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     model.to(device)
     method.to(device)
     objective = Objective(model, method)
-    trainable = torch.nn.ModuleDict({"model": model, "source": method.source})
+    # the source joins the optimizer and the EMA only when it learns (CSFM); a GMM source is fixed data
+    learned_source = any(p.requires_grad for p in method.source.parameters())
+    trainable = torch.nn.ModuleDict({"model": model, **({"source": method.source} if learned_source else {})})
     params = [p for p in trainable.parameters() if p.requires_grad]
     # fused AdamW: one kernel for all parameters (4x faster steps for small models on CPU, also on CUDA)
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay,
@@ -290,7 +292,7 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
         raise RuntimeError(f"processes disagree on the weights after training: checksums {checks}")
 
     ema_model = ema.module["model"]
-    ema_source = ema.module["source"]
+    ema_source = ema.module["source"] if learned_source else None
     eval_batches = [data.batch(plan.indices(settings.steps + i), device) for i in range(4)]
     with torch.no_grad():
         cost = mean_coupling_cost(method.coupling, eval_batches, method.source, step_generator(seed, -1, "cost"))
@@ -302,7 +304,8 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     if acc.is_main_process:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in ema_model.state_dict().items()}
         state = method.state_tensors()
-        state.update({f"source.{k}": v for k, v in ema_source.state_dict().items()})
+        if ema_source is not None:
+            state.update({f"source.{k}": v for k, v in ema_source.state_dict().items()})
         tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"run_hash": run_hash, "step": str(settings.steps)})
