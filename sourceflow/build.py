@@ -9,6 +9,7 @@ and optionally caption embeddings); both expose ``event_shape``, ``num_classes``
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,7 +115,9 @@ def load_data(a: argparse.Namespace, spec: dict[str, Any], split: str = "train")
             raise ValueError(f"--latents needs --{flag}")
     if spec["conditioning"] == "text" and a.captions is None:
         raise ValueError("conditioning 'text' needs --captions (the embed_captions store)")
-    return load_latent_data(a.latents, a.stats, a.manifest, a.captions, spec["train"].get("max_memory_mb", 4000))
+    # the budget is per machine: every local process holds its own copy
+    per_process = spec["train"].get("max_memory_mb", 4000) / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return load_latent_data(a.latents, a.stats, a.manifest, a.captions, per_process)
 
 
 def is_image_data(data: Any) -> bool:

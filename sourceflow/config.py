@@ -114,9 +114,10 @@ def resolve_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         where = f"experiments[{i}] ({name}).overrides.sample.autoguidance.experiment"
         if g is None:
             raise ConfigError(f"config: {where}: unknown experiment {guide['experiment']!r}")
-        if (g["data"], g.get("encoder"), g["conditioning"]) != (spec["data"], spec.get("encoder"), spec["conditioning"]):
+        keys = ("data", "encoder", "conditioning", "text_encoder")
+        if tuple(g.get(k) for k in keys) != tuple(spec.get(k) for k in keys):
             raise ConfigError(f"config: {where}: the guide {guide['experiment']!r} must train on the same data, "
-                              "encoder and conditioning")
+                              "encoder, conditioning and text encoder")
         if not set(spec["seeds"]) <= set(g["seeds"]):
             raise ConfigError(f"config: {where}: the guide {guide['experiment']!r} lacks seeds "
                               f"{sorted(set(spec['seeds']) - set(g['seeds']))} (seed s is guided by the guide's seed s)")
@@ -234,6 +235,14 @@ def _semantic_checks(spec: dict[str, Any], where: str) -> None:
     guide = spec["sample"].get("autoguidance")
     if guide is not None and guide["experiment"] == spec["name"]:
         raise ConfigError(f"config: {where}.overrides.sample.autoguidance.experiment: a run cannot guide itself")
+    if spec["sample"]["guidance_scale"] != 1.0:
+        if guide is not None:
+            raise ConfigError(f"config: {where}.overrides.sample.guidance_scale: classifier-free guidance and "
+                              "autoguidance together are not supported; use one")
+        if cond != "label" or spec["train"]["p_uncond"] <= 0:
+            raise ConfigError(f"config: {where}.overrides.sample.guidance_scale: classifier-free guidance needs a "
+                              "class condition trained with dropout (conditioning: label, train.p_uncond > 0); the "
+                              "null condition is untrained otherwise")
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

@@ -102,3 +102,31 @@ def resolve_dir(final_dir: Path) -> Path | None:
         return final_dir
     old = final_dir.with_name(final_dir.name + ".old")
     return old if old.is_dir() else None
+
+
+def input_fingerprint(paths: Iterable[str | Path | None]) -> str:
+    """A short hash that changes when any input changes: a file by its size and its first and last MiB
+    (cheap for multi-GB GMMs, and what a refit or re-extraction changes); a Zarr folder by its group
+    attributes (``zarr.json``: encoder, manifest hash, settings). Resume uses it so a checkpoint trained
+    on other inputs is not continued (Snakemake reruns a job when an input changes, but checkpoints are
+    not outputs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        h.update(p.name.encode())
+        if p.is_dir():
+            meta = p / "zarr.json"
+            h.update(meta.read_bytes() if meta.is_file() else b"<dir>")
+        else:
+            size = p.stat().st_size
+            h.update(str(size).encode())
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))
+                if size > 2 << 20:
+                    f.seek(-(1 << 20), 2)
+                    h.update(f.read())
+    return h.hexdigest()[:16]

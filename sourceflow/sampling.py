@@ -52,7 +52,7 @@ def generate(model: nn.Module, method: Method, n: int, cond: torch.Tensor | None
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
         c = None if cond is None else cond[lo:hi].to(device)
-        draw = method.source.sample(hi - lo, generator, cond=c if method.cond_from == "data" else None)
+        draw = method.source.sample(hi - lo, generator, cond=c if method.cond_from == "data" else None, device=device)
         model_cond = draw.mode if method.cond_from == "mode" else (c if method.cond_from == "data" else None)
 
         def v_cond(t, x, mc=model_cond):
@@ -109,7 +109,7 @@ def write_sample_store(path: Path, identity: dict, arrays: dict[str, tuple], sha
     (seeded by the shard), so a resumed or re-split run writes the same bytes. A store with another
     ``identity`` (model, settings) is deleted first. Process r writes the shards s ≡ r (mod world); all
     processes must call this (it synchronises with ``barrier``). ``max_shards``: stop after writing that
-    many shards, as a kill would (for tests of the resume path; no barrier is passed then).
+    many shards per process, as a kill would (for tests of the resume path; every process stops then).
     """
     import shutil
 
@@ -131,8 +131,10 @@ def write_sample_store(path: Path, identity: dict, arrays: dict[str, tuple], sha
     barrier()
     writer = ShardedWriter(path, list(arrays))
     complete = bool(writer.attrs.get("complete", False))
-    mine = [] if complete else [s for s in writer.pending_shards() if s % world == rank]
-    if max_shards is not None and len(mine) > max_shards:
+    pending = [] if complete else writer.pending_shards()  # the same list on every rank (after the barrier)
+    mine = [s for s in pending if s % world == rank]
+    # every rank decides the same: stop if any rank has more than max_shards to write
+    if max_shards is not None and any(len([s for s in pending if s % world == r]) > max_shards for r in range(world)):
         for s in mine[:max_shards]:
             writer.write_shard(s, make_shard(s, *writer.shard_range(s)))
         return "stopped"

@@ -62,6 +62,23 @@ def _guide(a, spec, data, device):
     return model.to(device), float(g.get("scale", 1.5))
 
 
+def _identity(s: dict, ids: dict, seed: int, tag: str, solver: str, steps: int | None, n: int) -> dict:
+    """Everything a sweep entry's samples depend on: the model (and guide) bytes, the entry, the seed and
+    every sampling setting (batch_size too: it decides how the draws are split and dopri5's steps)."""
+    return {**ids, "tag": tag, "solver": solver, "steps": steps, "num_samples": n, "seed": seed,
+            "settings": {k: s[k] for k in ("shift", "rtol", "atol", "guidance_scale", "traj_points", "batch_size",
+                                           "shard_rows") if k in s},
+            "autoguidance": s.get("autoguidance")}
+
+
+def _done(d: Path, identity: dict) -> bool:
+    """Whether ``d`` already holds this entry's finished samples for exactly this identity."""
+    from sourceflow.io import read_json
+
+    info = d / "info.json"
+    return info.exists() and (d / "samples.npz").exists() and read_json(info).get("identity") == identity
+
+
 def toy_mode(a, spec) -> dict:
     import numpy as np
     import torch
@@ -79,6 +96,7 @@ def toy_mode(a, spec) -> dict:
     load_trained(a.model, model, method)
     guide, guide_scale = _guide(a, spec, train_data, "cpu")
     model_id = _model_id(a.model)
+    ids = {"model_id": model_id, "guide_id": _model_id(a.guide_model)}
     n = s["num_samples"]
     reps = -(-n // len(test))
     cond_all = test.condition(spec["conditioning"])
@@ -88,7 +106,8 @@ def toy_mode(a, spec) -> dict:
     for i, (tag, solver, steps) in enumerate(sweep_tags(s)):
         d = Path(a.out) / tag
         info_path = d / "info.json"
-        if info_path.exists() and (d / "samples.npz").exists() and read_json(info_path).get("model_id") == model_id:
+        identity = _identity(s, ids, a.seed, tag, solver, steps, n)
+        if _done(d, identity):
             print(f"{tag}: already sampled, skipping")
             index[tag] = read_json(info_path)
             continue
@@ -105,7 +124,7 @@ def toy_mode(a, spec) -> dict:
         with atomic_path(d / "samples.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
         info = {"solver": solver, "steps": steps, "nfe": res.nfe, "seconds": round(res.seconds, 3),
-                "num_samples": n, "model_id": model_id, "seed": a.seed}
+                "num_samples": n, "model_id": model_id, "seed": a.seed, "identity": identity}
         write_json(info_path, info)
         index[tag] = info
         print(f"{tag}: {n} samples, NFE {res.nfe}, {res.seconds:.2f} s")
@@ -153,15 +172,12 @@ def image_mode(a, spec) -> dict | None:
         cond_rows = cond_rows_all[:n]
         d = Path(a.out) / tag
         info_path = d / "info.json"
-        if info_path.exists() and (d / "samples.npz").exists() and read_json(info_path).get("model_id") == ids["model_id"] \
-                and read_json(info_path).get("guide_id") == ids["guide_id"]:
+        identity = _identity(s, ids, a.seed, tag, solver, steps, n)
+        if _done(d, identity):
             if rank == 0:
                 print(f"{tag}: already sampled, skipping")
             index[tag] = read_json(info_path)
             continue
-        identity = {**ids, "tag": tag, "solver": solver, "steps": steps, "num_samples": n, "seed": a.seed,
-                    "settings": {k: s[k] for k in ("shift", "rtol", "atol", "guidance_scale", "traj_points")},
-                    "autoguidance": s.get("autoguidance")}
 
         def make_shard(sh: int, lo: int, hi: int, tag=tag, solver=solver, steps=steps, cond_rows=cond_rows
                        ) -> dict[str, np.ndarray]:
@@ -202,7 +218,7 @@ def image_mode(a, spec) -> dict | None:
         info = {"solver": solver, "steps": steps, "nfe": float(nfe.mean()) if solver == "dopri5" else int(nfe.max()),
                 "model_evals_per_step": 2 if (guide is not None or s["guidance_scale"] != 1.0) else 1,
                 "seconds": round(time.time() - t0, 3), "num_samples": n, "seed": a.seed, "processes": world,
-                "image_shape": list(images.shape[1:]), **ids}
+                "image_shape": list(images.shape[1:]), **ids, "identity": identity}
         write_json(info_path, info)
         index[tag] = info
         print(f"{tag}: {n} images, NFE {info['nfe']}, {info['seconds']:.1f} s")

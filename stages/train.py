@@ -3,7 +3,8 @@
 One process: `python stages/train.py ...`. Several: `torchrun --nproc_per_node 2 stages/train.py ...`
 (on CPU with ACCELERATE_USE_CPU=1: gloo). Checkpoints go to OUT/checkpoints/last every
 train.checkpoint_every steps (atomically); a rerun resumes from there unless --no-resume, and a
-checkpoint from a different configuration is ignored. Every random draw is a function of (seed,
+checkpoint from a different configuration or from other input files (data, latents, GMMs, captions) is
+ignored. Every random draw is a function of (seed,
 step), so a resumed run ends with the same weights as an uninterrupted one (on CPU, bitwise).
 
 Data: 2-D toy points (--data toy.safetensors, the train split) or image latents (--latents STORE
@@ -54,6 +55,7 @@ def main() -> None:
     import torch
 
     from sourceflow.config import load_spec, spec_hash
+    from sourceflow.io import input_fingerprint
     from sourceflow.report import training_curves_png
     from sourceflow.train.loop import TrainSettings, train
 
@@ -64,7 +66,8 @@ def main() -> None:
     method = build.build_method(spec, data, a.seed, a.gmm, a.source_gmm)
     ds = build.training_dataset(spec, data)
     settings = TrainSettings.from_spec(spec["train"])
-    summary = train(model, method, ds, settings, a.seed, a.out, f"{spec_hash(spec)}-seed{a.seed}",
+    inputs = input_fingerprint([a.data, a.latents, a.stats, a.manifest, a.captions, a.gmm, a.source_gmm])
+    summary = train(model, method, ds, settings, a.seed, a.out, f"{spec_hash(spec)}-{inputs}-seed{a.seed}",
                     resume=a.resume, progress=not a.no_progress, stop_after=a.stop_after)
     if "stopped_at" in summary:
         print(f"stopped after step {summary['stopped_at']} (checkpoint in {a.out}/checkpoints/last)")

@@ -115,7 +115,7 @@ class Independent(Coupling):
     """x0 ~ p0(·|c) independently of x1."""
 
     def pair(self, batch, source, generator):
-        draw = source.sample(len(batch), generator, cond=batch.cond)
+        draw = source.sample(len(batch), generator, cond=batch.cond, device=batch.x1.device)
         return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
 
 
@@ -125,7 +125,7 @@ class MinibatchOT(Coupling):
     requires_fixed_source = True
 
     def pair(self, batch, source, generator):
-        draw = source.sample(len(batch), generator)
+        draw = source.sample(len(batch), generator, device=batch.x1.device)
         perm = assign(sq_cost_matrix(draw.x0, batch.x1))
         draw = draw.select(perm)
         return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
@@ -162,7 +162,7 @@ class LoomCoupling(Coupling):
             raise IndexError(f"LOOM cache holds {self.seeds.shape[0]} datapoints, got index {int(idx.max())}")
         slots = self.pick_slots(len(idx), generator)
         seeds = self.seeds[idx, slots]
-        draw = source.from_seeds(seeds)
+        draw = source.from_seeds(seeds, device=batch.x1.device)
         perm = assign(sq_cost_matrix(draw.x0, batch.x1)).cpu()
         if update:
             self.seeds[idx, slots] = seeds[perm]
@@ -171,7 +171,7 @@ class LoomCoupling(Coupling):
 
     def current_pairs(self, batch: Batch, source: Source, slot: int = 0) -> Pair:
         """The pairing the cache holds now for ``batch`` in ``slot`` (no assignment, no update)."""
-        draw = source.from_seeds(self.seeds[batch.idx.cpu().long(), slot])
+        draw = source.from_seeds(self.seeds[batch.idx.cpu().long(), slot], device=batch.x1.device)
         return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
 
     def state_dict(self):
@@ -207,7 +207,7 @@ class C2OTCoupling(Coupling):
     def pair(self, batch, source, generator):
         if batch.cond is None:
             raise ValueError("C2OT needs a condition (conditioning: label, angle or xcoord)")
-        draw = source.sample(len(batch), generator)
+        draw = source.sample(len(batch), generator, device=batch.x1.device)
         m = sq_cost_matrix(draw.x0, batch.x1)
         c = batch.cond
         if not torch.is_floating_point(c):
@@ -285,7 +285,7 @@ class ModeCoupling(Coupling):
         if source.num_modes != self.gmm.num_modes:
             raise ValueError(f"source has {source.num_modes} modes, CLS GMM {self.gmm.num_modes}")
         k = self.modes(batch.cls if batch.cls is not None else batch.x1, generator)
-        draw = source.sample(len(batch), generator, mode=k)
+        draw = source.sample(len(batch), generator, mode=k, device=batch.x1.device)
         return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
 
 

@@ -61,17 +61,18 @@ class Source(nn.Module, abc.ABC):
         return torch.device("cpu")
 
     def sample(self, n: int, generator: torch.Generator | None = None, cond: torch.Tensor | None = None,
-               mode: torch.Tensor | None = None) -> SourceDraw:
-        """Fresh draw of ``n`` samples (noise drawn on CPU with ``generator``, then moved)."""
+               mode: torch.Tensor | None = None, device: torch.device | str | None = None) -> SourceDraw:
+        """Fresh draw of ``n`` samples (noise drawn on CPU with ``generator``, then moved to ``device``:
+        the data's / model's device; a source without tensors of its own, like N(0, I), has no device)."""
         z = torch.randn(n, *self.event_shape, generator=generator)
         u = torch.rand(n, max(self.num_uniforms, 1), generator=generator, dtype=torch.float64)
-        dev = self._device()
+        dev = device if device is not None else self._device()
         return self.transform(z.to(dev), u.to(dev), cond, mode)
 
     def from_seeds(self, seeds: torch.Tensor, cond: torch.Tensor | None = None,
-                   mode: torch.Tensor | None = None) -> SourceDraw:
+                   mode: torch.Tensor | None = None, device: torch.device | str | None = None) -> SourceDraw:
         """Deterministic draw: row i is a pure function of ``seeds[i]``."""
-        dev = self._device()
+        dev = device if device is not None else self._device()
         seeds = seeds.to(dev)
         z = seeded_normal(seeds, self.event_shape)
         u = seeded_uniform(seeds, max(self.num_uniforms, 1))

@@ -128,7 +128,12 @@ def _gather_batch(acc: Accelerator, b: Batch) -> Batch:
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """An Accelerator matching the launch: asserts that torchrun's WORLD_SIZE was honoured."""
     cuda = torch.cuda.is_available()
-    acc = Accelerator(cpu=not cuda, mixed_precision=mixed_precision if cuda else "no")
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # no buffer broadcast: every buffer is either fixed (positions, the GMM source's 6.4 GB of means at
+    # ImageNet scale) or kept equal by the method itself (the focal EMA sums over processes)
+    acc = Accelerator(cpu=not cuda, mixed_precision=mixed_precision if cuda else "no",
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != world:
         raise ValueError(f"accelerate sees {acc.num_processes} process(es) but WORLD_SIZE={world}: on CPU launch "

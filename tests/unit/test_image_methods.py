@@ -214,6 +214,29 @@ def test_image_experiment_config_errors():
         image_config("fm", overrides={"model": {"kind": "mlp"}})
     with pytest.raises(ConfigError, match="grad_accum: must divide batch_size"):
         image_config("fm", overrides={"train": {"grad_accum": 3}})
+    with pytest.raises(ConfigError, match="guidance_scale: classifier-free guidance needs a class condition"):
+        image_config("fm", conditioning="label", overrides={"sample": {"guidance_scale": 2.0}})
+    with pytest.raises(ConfigError, match="guidance_scale: classifier-free guidance needs a class condition"):
+        image_config("mmfm", **CASES["mmfm"], overrides={"sample": {"guidance_scale": 2.0}})
+
+
+def test_input_fingerprint_follows_file_contents_and_store_attributes(tmp_path):
+    """What keeps a checkpoint trained on another GMM / latent store from being resumed."""
+    import zarr
+
+    from sourceflow.io import input_fingerprint
+
+    f = tmp_path / "gmm.safetensors"
+    f.write_bytes(b"a" * 5000)
+    store = tmp_path / "latents.zarr"
+    zarr.open_group(str(store), mode="w").attrs["manifest_hash"] = "x"
+    first = input_fingerprint([f, store, None])
+    assert input_fingerprint([f, store]) == first
+    f.write_bytes(b"a" * 4999 + b"b")
+    assert input_fingerprint([f, store]) != first
+    f.write_bytes(b"a" * 5000)
+    zarr.open_group(str(store), mode="r+").attrs["manifest_hash"] = "y"
+    assert input_fingerprint([f, store]) != first
 
 
 def test_store_rows_read_per_batch_equal_rows_read_into_memory(tmp_path):

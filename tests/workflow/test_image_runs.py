@@ -153,6 +153,7 @@ def test_sampling_resumes_and_splits_over_processes_identically(repo, tmp_path):
     assert "stopped after 1 shard" in out and not (killed / "index.json").exists()
     assert not (killed / "dopri5" / "samples.npz").exists()
     stage(repo, "sample", *base, "--out", str(killed))
+    assert "already sampled" in stage(repo, "sample", *base, "--out", str(killed)).stdout
     two = tmp_path / "two"
     stage(repo, "sample", *base, "--out", str(two), torchrun=2)
     for tag in ("euler-1", "euler-2", "dopri5", "euler-4"):
@@ -162,6 +163,19 @@ def test_sampling_resumes_and_splits_over_processes_identically(repo, tmp_path):
             assert sorted(got.files) == ["arr_0", "label", "mode"]
             for k in got.files:
                 assert np.array_equal(got[k], ref[k]), (other.name, tag, k)
+    # a changed sampling setting is not taken for the finished entries
+    spec = json.loads((runs / "mmfm/spec_sample.json").read_text())
+    spec["sample"].update(batch_size=50, shard_rows=50, solvers=[{"solver": "euler", "steps": [2]}])
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    base[base.index("--spec") + 1] = str(tmp_path / "spec.json")
+    assert "already sampled" not in stage(repo, "sample", *base, "--out", str(killed)).stdout
+    # killed while two processes sample (4 shards, 2 each: every process stops after 1), resumed by one
+    two_killed = tmp_path / "two-killed"
+    out = stage(repo, "sample", *base, "--out", str(two_killed), "--stop-after-shards", "1", torchrun=2).stdout
+    assert "stopped after 1 shard" in out and not (two_killed / "index.json").exists()
+    stage(repo, "sample", *base, "--out", str(two_killed))
+    a, b = (np.load(d / "euler-2" / "samples.npz") for d in (killed, two_killed))
+    assert all(np.array_equal(a[k], b[k]) for k in a.files)
 
 
 def test_fd_of_real_images_is_zero_and_grows_with_noise(repo, tmp_path):

@@ -192,7 +192,7 @@ def run_datasets(image):
 def fd_reference(d):
     """The reference statistics the report's FD floor comes from: the one most of a dataset's runs use."""
     feats = [s["evaluate"]["features"] for s in SPECS.values() if s["data"] == d]
-    return f"{R}/{d}/reference/{max(set(feats), key=feats.count)}.npz"
+    return f"{R}/{d}/reference/{max(sorted(set(feats)), key=feats.count)}.npz"
 
 
 def report_file(name, caption, category):
