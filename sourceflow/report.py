@@ -154,39 +154,46 @@ def w2_vs_nfe_png(path: str | Path, df: pd.DataFrame, metric: str = "w2sq",
     _save(fig, path)
 
 
-def scatter_grid_png(path: str | Path, samples: dict[str, dict[str, np.ndarray]], columns: list[str],
-                     reference: np.ndarray, points: int = 2000) -> None:
-    """Rows: experiments; columns: sweep entries (e.g. euler-1, euler-2, euler-8) and the data."""
+def _panel_grid(path: str | Path, rows: list[str], columns: list[str], draw, size: tuple[float, float]) -> None:
+    """A rows × columns figure of bare panels titled by column and labelled by row; ``draw(ax, row, col)``
+    fills a panel and returns False when there is nothing to show ("not sampled")."""
     plt = _plt()
-    exps = sorted(samples)
-    fig, axes = plt.subplots(len(exps), len(columns) + 1, figsize=(2.6 * (len(columns) + 1), 2.6 * len(exps)),
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(size[0] * len(columns), size[1] * len(rows)),
                              squeeze=False)
-    lim = np.abs(reference).max() * 1.3
-    for i, exp in enumerate(exps):
-        for j, col in enumerate([*columns, "data"]):
+    for i, row in enumerate(rows):
+        for j, col in enumerate(columns):
             ax = axes[i, j]
-            x = reference[:points] if col == "data" else samples[exp].get(col)
-            if x is not None:
-                ax.scatter(x[:points, 0], x[:points, 1], s=0.6, alpha=0.6, color="k" if col == "data" else "C0")
-            else:
+            if not draw(ax, row, col):
                 ax.text(0.5, 0.5, "not sampled", ha="center", transform=ax.transAxes)
-            ax.set_xlim(-lim, lim)
-            ax.set_ylim(-lim, lim)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(col)
             if j == 0:
-                ax.set_ylabel(exp)
+                ax.set_ylabel(row)
     _save(fig, path)
+
+
+def scatter_grid_png(path: str | Path, samples: dict[str, dict[str, np.ndarray]], columns: list[str],
+                     reference: np.ndarray, points: int = 2000) -> None:
+    """Rows: experiments; columns: sweep entries (e.g. euler-1, euler-2, euler-8) and the data."""
+    lim = np.abs(reference).max() * 1.3
+
+    def draw(ax, exp: str, col: str) -> bool:
+        x = reference[:points] if col == "data" else samples[exp].get(col)
+        if x is not None:
+            ax.scatter(x[:points, 0], x[:points, 1], s=0.6, alpha=0.6, color="k" if col == "data" else "C0")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        return x is not None
+
+    _panel_grid(path, sorted(samples), [*columns, "data"], draw, (2.6, 2.6))
 
 
 def image_grid_png(path: str | Path, samples: dict[str, dict[str, np.ndarray]], columns: list[str],
                    reference: np.ndarray, per_cell: int = 36, scale: int = 4) -> None:
     """Rows: experiments; columns: sweep entries (e.g. euler-1 … euler-50) and the real images. Each cell
     is a square tile of the first ``per_cell`` uint8 NHWC images, upscaled ``scale``× (nearest)."""
-    plt = _plt()
-    exps = sorted(samples)
     side = int(np.ceil(np.sqrt(per_cell)))
 
     def tile(x: np.ndarray) -> np.ndarray:
@@ -198,23 +205,13 @@ def image_grid_png(path: str | Path, samples: dict[str, dict[str, np.ndarray]], 
             canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = img
         return canvas.repeat(scale, 0).repeat(scale, 1)
 
-    cols = [*columns, "data"]
-    fig, axes = plt.subplots(len(exps), len(cols), figsize=(2.4 * len(cols), 2.5 * len(exps)), squeeze=False)
-    for i, exp in enumerate(exps):
-        for j, col in enumerate(cols):
-            ax = axes[i, j]
-            x = reference if col == "data" else samples[exp].get(col)
-            if x is not None:
-                ax.imshow(tile(x), interpolation="nearest")
-            else:
-                ax.text(0.5, 0.5, "not sampled", ha="center", transform=ax.transAxes)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(col)
-            if j == 0:
-                ax.set_ylabel(exp)
-    _save(fig, path)
+    def draw(ax, exp: str, col: str) -> bool:
+        x = reference if col == "data" else samples[exp].get(col)
+        if x is not None:
+            ax.imshow(tile(x), interpolation="nearest")
+        return x is not None
+
+    _panel_grid(path, sorted(samples), [*columns, "data"], draw, (2.4, 2.5))
 
 
 IMAGE_TABLES = [

@@ -132,7 +132,8 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from image tokens to context tokens with a key padding mask (True = real).
+    """Multi-head attention from tokens to context tokens (the tokens themselves for self-attention) with
+    an optional key padding mask (True = real).
 
     A row with no real token attends to nothing: its output is zero (SDPA alone would give NaN)."""
 
@@ -145,11 +146,13 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         hd = d // self.heads
         q = self.q(x).reshape(b, n, self.heads, hd).transpose(1, 2)
         k, v = self.kv(context).reshape(b, context.shape[1], 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        if mask is None:
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
         any_real = mask.any(dim=1)
         attn_mask = (mask | ~any_real[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b, n, d)

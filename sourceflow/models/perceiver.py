@@ -13,37 +13,12 @@ Output contract with :class:`sourceflow.flow.sources.LearnedSource`: ``net(cond)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sourceflow.models.dit import sincos_2d, unpatchify
+from sourceflow.models.dit import CrossAttention, sincos_2d, unpatchify
 from sourceflow.models.embed import CondSpec, unpack_text
 
 MEAN_INIT_STD = 0.02  # the mean head's initial weights (ViT-style head init)
-
-
-class Attention(nn.Module):
-    """Multi-head attention via ``F.scaled_dot_product_attention``; ``mask`` [B, M] is True where a key
-    may be attended to."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
-        self.heads = heads
-        self.q = nn.Linear(width, width)
-        self.kv = nn.Linear(width, 2 * width)
-        self.out = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, w = x.shape
-        m = context.shape[1]
-        hd = w // self.heads
-        q = self.q(x).reshape(b, n, self.heads, hd).transpose(1, 2)
-        k, v = self.kv(context).reshape(b, m, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
-        attn_mask = None if mask is None else mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out(y.transpose(1, 2).reshape(b, n, w))
 
 
 class PerceiverLayer(nn.Module):
@@ -54,9 +29,9 @@ class PerceiverLayer(nn.Module):
         hidden = max(1, int(width * mlp_ratio))
         self.norm_q = nn.LayerNorm(width)
         self.norm_kv = nn.LayerNorm(width)
-        self.cross = Attention(width, heads)
+        self.cross = CrossAttention(width, heads)
         self.norm_self = nn.LayerNorm(width)
-        self.self_attn = Attention(width, heads)
+        self.self_attn = CrossAttention(width, heads)
         self.norm_mlp = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
