@@ -186,7 +186,9 @@ def test_fd_of_real_images_is_zero_and_grows_with_noise(repo, tmp_path):
     from sourceflow.sampling import sample_store_arrays, write_sample_store
 
     res = repo / "results" / "digits"
-    real = load_images(read_manifest(res / "manifest.parquet").split("train"), 8)
+    manifest = read_manifest(res / "manifest.parquet")
+    manifest.root = repo / manifest.root  # the manifest's root is relative to the workflow's folder
+    real = load_images(manifest.split("train"), 8)
     g = np.random.default_rng(0)
     index = {}
     for sigma in (0, 10, 40):
