@@ -86,35 +86,28 @@ def main() -> None:
             logs.setdefault(f"{Path(run).parent.parent.parent.name}/{Path(run).parent.name}", []).append(log)
     if logs:
         training_curves_png(out / "training_curves.png", logs)
+    def first_seed_samples(ds: str, cols: list[str], key: str, limit: int | None = None) -> dict:
+        """Experiment → {sweep entry: array ``key`` of its samples.npz} of each experiment's first seed."""
+        out: dict[str, dict] = {}
+        for (d, exp), (_, run) in first_seed.items():
+            if d == ds:
+                out[exp] = {}
+                for c in cols:
+                    f = run / "samples" / c / "samples.npz"
+                    if f.exists():
+                        with np.load(f) as z:
+                            out[exp][c] = z[key][:limit]
+        return out
+
     data_paths = dict(item.split("=", 1) for item in a.data)
     cols = [f"euler-{s}" for s in a.scatter_steps]
     for ds in sorted(df.dataset.unique()):
-        if ds not in data_paths:
-            continue
-        samples = {}
-        for (d, exp), (_, run) in first_seed.items():
-            if d != ds:
-                continue
-            samples[exp] = {}
-            for c in cols:
-                f = run / "samples" / c / "samples.npz"
-                if f.exists():
-                    with np.load(f) as z:
-                        samples[exp][c] = z["x"]
-        ref = load_points(data_paths[ds], "test").x.numpy()
-        scatter_grid_png(out / f"samples_{ds}.png", samples, cols, ref, a.scatter_points)
+        if ds in data_paths:
+            ref = load_points(data_paths[ds], "test").x.numpy()
+            scatter_grid_png(out / f"samples_{ds}.png", first_seed_samples(ds, cols, "x"), cols, ref, a.scatter_points)
     grid_cols = [f"euler-{s}" for s in a.grid_steps]
     for ds, manifest in (item.split("=", 1) for item in a.images):
-        tiles = {}
-        for (d, exp), (_, run) in first_seed.items():
-            if d != ds:
-                continue
-            tiles[exp] = {}
-            for c in grid_cols:
-                f = run / "samples" / c / "samples.npz"
-                if f.exists():
-                    with np.load(f) as z:
-                        tiles[exp][c] = z["arr_0"][:a.grid_images]
+        tiles = first_seed_samples(ds, grid_cols, "arr_0", a.grid_images)
         m = read_manifest(manifest).split("train")
         rows = np.random.default_rng(0).choice(len(m.frame), min(a.grid_images, len(m.frame)), replace=False)
         m.frame = m.frame.iloc[np.sort(rows)].reset_index(drop=True)
