@@ -154,26 +154,25 @@ def is_image_spec(spec: dict[str, Any]) -> bool:
     return spec["dataset"]["kind"] in IMAGE_KINDS
 
 
+def _pick_named(spec: dict[str, Any], key: str, declared: list[str], owner: str, where: str) -> None:
+    """Set ``spec[key]`` to the only declared name when it is unset; check that it is declared."""
+    if key not in spec:
+        if len(declared) != 1:
+            raise ConfigError(f"config: {where}.{key}: {owner} declares {declared}; name the one to use")
+        spec[key] = declared[0]
+    if spec[key] not in declared:
+        raise ConfigError(f"config: {where}.{key}: {owner} has no {key} {spec[key]!r}; declared: {declared}")
+
+
 def _resolve_image_inputs(spec: dict[str, Any], data: str, where: str) -> None:
     """Fill ``encoder`` (and ``text_encoder`` for text conditioning) from the dataset when unambiguous."""
     ds = spec["dataset"]
-    encs = sorted(ds.get("encoders", {}))
-    if "encoder" not in spec:
-        if len(encs) != 1:
-            raise ConfigError(f"config: {where}.encoder: dataset {data!r} has encoders {encs}; name the one to train on")
-        spec["encoder"] = encs[0]
-    if spec["encoder"] not in encs:
-        raise ConfigError(f"config: {where}.encoder: dataset {data!r} has no encoder {spec['encoder']!r}; declared: {encs}")
+    _pick_named(spec, "encoder", sorted(ds.get("encoders", {})), f"dataset {data!r}", where)
     if spec.get("conditioning") == "text":
         tes = sorted((ds.get("captions") or {}).get("text_encoders", {}))
         if not tes:
             raise ConfigError(f"config: {where}.conditioning: text conditioning needs datasets.{data}.captions")
-        if "text_encoder" not in spec:
-            if len(tes) != 1:
-                raise ConfigError(f"config: {where}.text_encoder: dataset {data!r} has text encoders {tes}; name one")
-            spec["text_encoder"] = tes[0]
-        if spec["text_encoder"] not in tes:
-            raise ConfigError(f"config: {where}.text_encoder: no text encoder {spec['text_encoder']!r}; declared: {tes}")
+        _pick_named(spec, "text_encoder", tes, f"the captions of dataset {data!r}", where)
     elif "text_encoder" in spec:
         raise ConfigError(f"config: {where}.text_encoder: only used with conditioning: text")
     feats = (ds.get("reference") or {}).get("features", [])

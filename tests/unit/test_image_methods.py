@@ -220,6 +220,17 @@ def test_image_experiment_config_errors():
         image_config("mmfm", **CASES["mmfm"], overrides={"sample": {"guidance_scale": 2.0}})
 
 
+def test_encoder_names_are_filled_or_checked():
+    from sourceflow.config import ConfigError
+
+    assert image_config("fm")["encoder"] == "pixels"  # the only encoder
+    assert image_config("csfm", **CASES["csfm"])["text_encoder"] == "minilm"
+    with pytest.raises(ConfigError, match=r"\.encoder: dataset 'digits' has no encoder 'dino'"):
+        image_config("fm", encoder="dino")
+    with pytest.raises(ConfigError, match=r"\.text_encoder: only used with conditioning: text"):
+        image_config("fm", text_encoder="minilm")
+
+
 def test_input_fingerprint_follows_file_contents_and_store_attributes(tmp_path):
     """What keeps a checkpoint trained on another GMM / latent store from being resumed."""
     import zarr
