@@ -33,13 +33,15 @@ class SampleSet:
 def generate(model: nn.Module, method: Method, n: int, cond: torch.Tensor | None, solver: str, steps: int | None,
              generator: torch.Generator, batch_size: int = 5000, shift: float = 1.0, rtol: float = 1e-4,
              atol: float = 1e-4, guidance_scale: float = 1.0, null_id: int | None = None,
-             traj_points: int = 17, guide: nn.Module | None = None, guide_scale: float = 1.5) -> SampleSet:
+             traj_points: int = 17, guide: nn.Module | None = None, guide_scale: float = 1.5,
+             t_end: float = 1.0) -> SampleSet:
     """Generate ``n`` samples; ``cond`` [n, ...] is the data condition of each sample (or None).
 
     ``guidance_scale`` != 1: classifier-free guidance against the null condition. ``guide``: autoguidance
     v_guide + guide_scale·(v − v_guide) with a weaker model on the same condition. Either way the
     source draw (CSFM: the conditional source sample) is shared by both branches. ``nfe`` counts
-    velocity evaluations (a guided one runs two models).
+    velocity evaluations (a guided one runs two models). ``t_end``: the grid ends at shift(t_end)
+    (RAE / MM-FM / CSFM: 0.999).
     """
     if guide is not None and guidance_scale != 1.0:
         raise ValueError("use either classifier-free guidance (guidance_scale) or autoguidance (guide), not both")
@@ -67,7 +69,7 @@ def generate(model: nn.Module, method: Method, n: int, cond: torch.Tensor | None
         elif guide is not None:
             velocity = autoguidance(v_cond, lambda t, x, mc=model_cond: guide(x, t, mc), guide_scale)
         res = solve(velocity, draw.x0, solver, steps, shift=shift, rtol=rtol, atol=atol, return_traj=True,
-                    traj_points=traj_points)
+                    traj_points=traj_points, t_end=t_end)
         xs.append(res.x.cpu())
         x0s.append(draw.x0.cpu())
         e, dsp = path_energy(res.traj, res.times)

@@ -67,7 +67,7 @@ def _identity(s: dict, ids: dict, seed: int, tag: str, solver: str, steps: int |
     every sampling setting (batch_size too: it decides how the draws are split and dopri5's steps)."""
     return {**ids, "tag": tag, "solver": solver, "steps": steps, "num_samples": n, "seed": seed,
             "settings": {k: s[k] for k in ("shift", "rtol", "atol", "guidance_scale", "traj_points", "batch_size",
-                                           "shard_rows") if k in s},
+                                           "shard_rows", "t_end") if k in s},
             "autoguidance": s.get("autoguidance")}
 
 
@@ -115,7 +115,7 @@ def toy_mode(a, spec) -> dict:
         res = generate(model, method, n, cond, solver, steps, g, batch_size=s["batch_size"], shift=s["shift"],
                        rtol=s["rtol"], atol=s["atol"], guidance_scale=s["guidance_scale"],
                        null_id=cs.null_id if cs.kind == "discrete" else None, traj_points=s["traj_points"],
-                       guide=guide, guide_scale=guide_scale)
+                       guide=guide, guide_scale=guide_scale, t_end=s["t_end"])
         arrays = {"x": res.x, "x0": res.x0, "energy": res.energy, "displacement": res.displacement}
         if cond is not None:
             arrays["cond"] = cond.numpy()
@@ -187,7 +187,7 @@ def image_mode(a, spec) -> dict | None:
             out = generate(model, method, hi - lo, cond, solver, steps, gen, batch_size=s["batch_size"],
                            shift=s["shift"], rtol=s["rtol"], atol=s["atol"], guidance_scale=s["guidance_scale"],
                            null_id=cs.null_id if cs.kind == "discrete" else None, traj_points=s["traj_points"],
-                           guide=guide, guide_scale=guide_scale)
+                           guide=guide, guide_scale=guide_scale, t_end=s["t_end"])
             with torch.no_grad():
                 x = data.stats.denormalize(torch.from_numpy(out.x).to(device))
                 images = np.concatenate([to_uint8(decoder.decode(x[i:i + s["batch_size"]]))

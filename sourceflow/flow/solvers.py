@@ -44,11 +44,12 @@ class _Counted(torch.nn.Module):
 @torch.no_grad()
 def solve(velocity: Velocity, x0: torch.Tensor, solver: str = "euler", steps: int | None = None,
           shift: float = 1.0, rtol: float = 1e-4, atol: float = 1e-4, return_traj: bool = False,
-          traj_points: int = 17) -> SolveResult:
+          traj_points: int = 17, t_end: float = 1.0) -> SolveResult:
     """Integrate dx/dt = v(t, x) from t=0 (source) to t=1 (data).
 
-    Fixed-grid solvers take ``steps`` steps on the grid ``time_grid(steps, shift)`` (heun and midpoint
-    cost 2 NFE per step); ``dopri5`` is adaptive with ``rtol``/``atol`` and ignores ``steps``. With
+    Fixed-grid solvers take ``steps`` steps on the grid ``time_grid(steps, shift, t_end=t_end)`` (heun and
+    midpoint cost 2 NFE per step; RAE's "50 steps" are 50 grid points: steps=49, t_end=0.999); ``dopri5``
+    is adaptive with ``rtol``/``atol``, ignores ``steps`` and integrates to ``shift(t_end)``. With
     ``return_traj`` the states at every grid point (fixed) or at ``traj_points`` uniform times
     (dopri5, from its dense output, at no extra NFE) are returned.
     """
@@ -56,10 +57,11 @@ def solve(velocity: Velocity, x0: torch.Tensor, solver: str = "euler", steps: in
     if solver in FIXED:
         if steps is None or steps < 1:
             raise ValueError(f"solver {solver!r} needs steps >= 1, got {steps}")
-        times = time_grid(steps, shift, dtype=x0.dtype).to(x0.device)
+        times = time_grid(steps, shift, dtype=x0.dtype, t_end=t_end).to(x0.device)
         traj = odeint(f, x0, times, method=FIXED[solver])
     elif solver in ADAPTIVE:
-        times = torch.linspace(0, 1, traj_points if return_traj else 2, dtype=x0.dtype, device=x0.device)
+        end = float(time_grid(1, shift, t_end=t_end)[-1])
+        times = torch.linspace(0, end, traj_points if return_traj else 2, dtype=x0.dtype, device=x0.device)
         traj = odeint(f, x0, times, method=ADAPTIVE[solver], rtol=rtol, atol=atol)
     else:
         raise ValueError(f"unknown solver {solver!r}; choose from {list(SOLVERS)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +88,38 @@ def test_shift_matches_the_formula_and_rae_factor():
     assert resolution_shift(768 * 16 * 16) == pytest.approx(6.928, abs=1e-3)
     g = time_grid(8, shift=s)
     assert g[0] == 0 and g[-1] == 1 and torch.all(g[1:] > g[:-1])
+
+
+def test_rae_sampling_grid_50_points_shifted_to_0999():
+    """RAE / MM-FM / CSFM: "50 steps" are 50 grid points (49 Euler steps, 49 NFE) from t=0 to 0.999,
+    shifted with the training s = sqrt(768*16*16 / 4096) = sqrt(48) (DESIGN.md, MM-FM sampling)."""
+    s = math.sqrt(48)
+    g = time_grid(49, shift=s, dtype=torch.float64, t_end=0.999)
+    assert len(g) == 50 and g[0] == 0
+    # independent closed form in RAE's own direction: tau = 1 - t, tau' = s tau / (1 + (s - 1) tau)
+    tau = 1 - 0.999 / 49
+    assert float(g[1]) == pytest.approx(1 - s * tau / (1 + (s - 1) * tau), rel=1e-12)
+    assert float(g[1]) == pytest.approx(0.0030, abs=1e-4)  # the first step is tiny
+    assert float(g[-1]) == pytest.approx(1 - s * 0.001 / (1 + (s - 1) * 0.001), rel=1e-12)
+    assert float(g[-1]) == pytest.approx(0.9931, abs=1e-4)  # the last grid point, not 1
+    res = solve(lambda t, x: torch.ones_like(x), torch.zeros(3, 1, dtype=torch.float64), "euler", 49,
+                shift=s, t_end=0.999)
+    assert res.nfe == 49 and float(res.x[0, 0]) == pytest.approx(float(g[-1]), rel=1e-12)
+    with pytest.raises(ValueError, match="t_end"):
+        time_grid(4, t_end=1.5)
+
+
+def test_training_times_are_clamped_before_the_shift():
+    """MM-FM: logit-normal(0, 1) truncated to t <= 0.999, then the shift."""
+    ts = TimeSampler("logit_normal", mean=4.0, std=2.0, t_max=0.999)  # many draws above 0.999
+    t = ts.sample(20000, torch.Generator().manual_seed(0)).double()
+    assert t.max().item() == pytest.approx(0.999, abs=1e-6)
+    raw = torch.sigmoid(4.0 + 2.0 * torch.randn(20000, generator=torch.Generator().manual_seed(0))).double()
+    torch.testing.assert_close(t, raw.clamp(max=0.999).float().double())
+    s = math.sqrt(48)
+    shifted = TimeSampler("logit_normal", mean=4.0, std=2.0, shift=s, t_max=0.999).sample(
+        20000, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(shifted, shift_time(raw.clamp(max=0.999).float(), s))
 
 
 def test_time_samplers():
