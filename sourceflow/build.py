@@ -149,7 +149,7 @@ def build_model(spec: dict[str, Any], data: PointData | LatentData) -> nn.Module
         if is_image_data(data):
             raise ValueError("model.kind 'mlp' is for toy points; image latents need 'dit' or 'unet'")
         return MLPVelocity(dim=math.prod(data.event_shape), width=m["width"], depth=m["depth"],
-                           expansion=m["expansion"], cond=cs)
+                           expansion=m["expansion"], cond=cs, time_embed=m.get("time_embed", "linear"))
     if not is_image_data(data):
         raise ValueError(f"model.kind {m['kind']!r} needs image latents [C, H, W]; toy points use 'mlp'")
     c, h, w = data.event_shape
@@ -165,8 +165,11 @@ def build_model(spec: dict[str, Any], data: PointData | LatentData) -> nn.Module
 
         if h != w:
             raise ValueError(f"the U-Net needs square latents, got {h}x{w}")
+        attn = m.get("attention_resolutions")
         return UNetVelocity(h, c, cs, block_out_channels=tuple(m["block_out_channels"]),
-                            layers_per_block=m["layers_per_block"])
+                            layers_per_block=m["layers_per_block"],
+                            attention_resolutions=None if attn is None else tuple(attn),
+                            dropout=m.get("dropout", 0.0))
     raise ValueError(f"unknown model.kind {m['kind']!r}")
 
 
@@ -209,9 +212,10 @@ def build_coupling(spec: dict[str, Any], data: PointData | LatentData, seed: int
     if kind == "independent":
         return Independent()
     if kind == "ot":
-        return MinibatchOT()
+        return MinibatchOT(cost=c.get("cost", "sqeuclidean"))
     if kind == "loom":
-        return LoomCoupling(num_data=len(data), num_caches=c.get("num_caches", 1), seed=seed)
+        return LoomCoupling(num_data=len(data), num_caches=c.get("num_caches", 1), seed=seed,
+                            cost=c.get("cost", "euclidean"))
     if kind == "c2ot":
         w = c.get("weight", "inf")
         return C2OTCoupling(weight=float(w), target_ratio=c.get("target_ratio"))

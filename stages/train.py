@@ -65,7 +65,8 @@ def main() -> None:
     model = build.build_model(spec, data)
     method = build.build_method(spec, data, a.seed, a.gmm, a.source_gmm)
     ds = build.training_dataset(spec, data)
-    settings = TrainSettings.from_spec(spec["train"])
+    # an epoch is a pass over the images (flipped copies are extra rows, not extra images)
+    settings = TrainSettings.from_spec(spec["train"], getattr(data, "num_images", None))
     inputs = input_fingerprint([a.data, a.latents, a.stats, a.manifest, a.captions, a.gmm, a.source_gmm])
     summary = train(model, method, ds, settings, a.seed, a.out, f"{spec_hash(spec)}-{inputs}-seed{a.seed}",
                     resume=a.resume, progress=not a.no_progress, stop_after=a.stop_after)

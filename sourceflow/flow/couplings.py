@@ -7,7 +7,8 @@ x1. The OT couplings re-order x0, never x1, so data, conditions and dataset indi
 * :class:`MinibatchOT` — exact assignment minimising Σ‖x0−x1‖², each source used once (OT-CFM,
   Tong et al. 2024; Pooladian et al. 2023).
 * :class:`LoomCoupling` — minibatch OT whose assignments persist across minibatches through
-  per-datapoint noise seeds (LOOM-CFM, Davtyan et al., ICLR 2025).
+  per-datapoint noise seeds (LOOM-CFM, Davtyan et al., ICLR 2025), on the plain Euclidean distance
+  ‖x0 − x1‖ as LOOM's code solves it (its "ot" baseline too); OT-CFM and C2OT use the squared one.
 * :class:`C2OTCoupling` — cost ‖x0−x1‖² + w·d(c_i, c_j), w = ∞ for classes (C2OT, Cheng & Schwing 2025).
 * :class:`ModeCoupling` — x0 drawn from the mode of x1 under the CLS GMM (MM-FM).
 """
@@ -70,6 +71,18 @@ def sq_cost_matrix(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T).clamp_min(0)
 
 
+COSTS = ("sqeuclidean", "euclidean")
+
+
+def cost_matrix(x0: torch.Tensor, x1: torch.Tensor, kind: str = "sqeuclidean") -> torch.Tensor:
+    """The assignment cost: ‖x0_i − x1_j‖² (``sqeuclidean``, OT-CFM / C2OT) or ‖x0_i − x1_j‖ (``euclidean``,
+    LOOM-CFM's ``torch.cdist``). The two give different optimal assignments in general."""
+    if kind not in COSTS:
+        raise ValueError(f"coupling cost must be one of {COSTS}, got {kind!r}")
+    c = sq_cost_matrix(x0, x1)
+    return c if kind == "sqeuclidean" else c.sqrt()
+
+
 def assign(cost: torch.Tensor) -> torch.Tensor:
     """Optimal assignment (scipy's Jonker–Volgenant): perm with x0[perm[j]] paired to x1[j]."""
     from scipy.optimize import linear_sum_assignment  # imported on first use: 1 s of start-up otherwise
@@ -120,13 +133,18 @@ class Independent(Coupling):
 
 
 class MinibatchOT(Coupling):
-    """Exact minibatch OT: a permutation of the source draws minimising Σ‖x0 − x1‖²."""
+    """Exact minibatch OT: a permutation of the source draws minimising Σ‖x0 − x1‖² (``cost``
+    ``euclidean``: Σ‖x0 − x1‖, LOOM's "ot" baseline)."""
 
     requires_fixed_source = True
 
+    def __init__(self, cost: str = "sqeuclidean"):
+        cost_matrix(torch.zeros(1, 1), torch.zeros(1, 1), cost)  # validates the name
+        self.cost = cost
+
     def pair(self, batch, source, generator):
         draw = source.sample(len(batch), generator, device=batch.x1.device)
-        perm = assign(sq_cost_matrix(draw.x0, batch.x1))
+        perm = assign(cost_matrix(draw.x0, batch.x1, self.cost))
         draw = draw.select(perm)
         return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
 
@@ -136,16 +154,21 @@ class LoomCoupling(Coupling):
 
     Each datapoint keeps ``num_caches`` integer seeds, drawn once at construction (the "first
     epoch"). Per step: pick one slot per datapoint, regenerate its noise from the seed, solve the
-    batch assignment, hand the seeds around as the assignment says and write them back. The current
-    pairing is always feasible for the next batch problem, so the total cost of every slot never
-    increases. The seed table is training state (``state_dict``) and must survive a resume.
+    batch assignment on ``cost`` (LOOM: the plain Euclidean distance), hand the seeds around as the
+    assignment says and write them back. The current pairing is always feasible for the next batch
+    problem, so the total cost of every slot never increases. A batch must not hold a datapoint twice
+    (its seed would be duplicated and another lost). The seed table is training state
+    (``state_dict``) and must survive a resume. With a GMM source a seed regenerates the mode draw and
+    the noise together.
     """
 
     requires_fixed_source = True
 
-    def __init__(self, num_data: int, num_caches: int = 1, seed: int = 0):
+    def __init__(self, num_data: int, num_caches: int = 1, seed: int = 0, cost: str = "euclidean"):
         if num_data < 1 or num_caches < 1:
             raise ValueError(f"LOOM needs num_data >= 1 and num_caches >= 1, got {num_data}, {num_caches}")
+        cost_matrix(torch.zeros(1, 1), torch.zeros(1, 1), cost)
+        self.cost = cost
         g = torch.Generator().manual_seed(seed)
         self.seeds = torch.randint(0, 2**62, (num_data, num_caches), generator=g, dtype=torch.int64)
 
@@ -160,10 +183,13 @@ class LoomCoupling(Coupling):
         idx = batch.idx.cpu().long()
         if int(idx.max()) >= self.seeds.shape[0] or int(idx.min()) < 0:
             raise IndexError(f"LOOM cache holds {self.seeds.shape[0]} datapoints, got index {int(idx.max())}")
+        if update and torch.unique(idx).numel() != idx.numel():
+            raise ValueError("LOOM: a batch holds the same datapoint twice (its seed would be duplicated and "
+                             "another lost)")
         slots = self.pick_slots(len(idx), generator)
         seeds = self.seeds[idx, slots]
         draw = source.from_seeds(seeds, device=batch.x1.device)
-        perm = assign(sq_cost_matrix(draw.x0, batch.x1)).cpu()
+        perm = assign(cost_matrix(draw.x0, batch.x1, self.cost)).cpu()
         if update:
             self.seeds[idx, slots] = seeds[perm]
         draw = draw.select(perm)

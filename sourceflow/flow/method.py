@@ -179,9 +179,11 @@ class Objective(nn.Module):
         self.model = model
         self.method = method
 
-    def forward(self, batch: Batch, local: slice, pair_generator: torch.Generator,
-                loss_generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        p = self.method.pair(batch, pair_generator)
-        out = self.method.loss(self.model, p.select(local), loss_generator)
+    def forward(self, batch: Batch | None, local: slice, pair_generator: torch.Generator | None,
+                loss_generator: torch.Generator, pair: Pair | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of ``pair`` (already coupled, e.g. a slice of a pair_batch assignment), or of pairing
+        ``batch`` now and keeping rows ``local``."""
+        p = pair if pair is not None else self.method.pair(batch, pair_generator).select(local)
+        out = self.method.loss(self.model, p, loss_generator)
         return out.loss, out.terms
 

@@ -34,6 +34,7 @@ from sourceflow.flow.method import Method, Objective
 from sourceflow.io import atomic_path, write_json
 from sourceflow.train.checkpoint import load_checkpoint, save_checkpoint
 from sourceflow.train.ema import EMA
+from sourceflow.train.schedule import Schedule
 
 
 @dataclass
@@ -49,28 +50,66 @@ class TrainSettings:
     checkpoint_every: int
     log_every: int
     mixed_precision: str = "no"
-    lr_schedule: str = "constant"
+    lr_schedule: str | dict[str, Any] = "constant"
     min_lr: float = 0.0
     grad_accum: int = 1
+    ema_schedule: dict[str, Any] | None = None
+    ema_warmup: bool = True
+    pair_batch: int | None = None
+    epoch_size: int | None = None  # samples per epoch (images; flipped copies are not extra); None: the rows
 
     @classmethod
-    def from_spec(cls, train: dict[str, Any]) -> TrainSettings:
+    def from_spec(cls, train: dict[str, Any], epoch_size: int | None = None) -> TrainSettings:
+        """Settings of a spec's ``train`` section; ``epoch_size`` (samples per epoch) converts epoch
+        schedules to steps when the spec does not fix ``train.epoch_size``."""
         return cls(train["steps"], train["batch_size"], train["lr"], train["weight_decay"], tuple(train["betas"]),
                    train["warmup_steps"], train["ema_decay"], train["grad_clip"], train["checkpoint_every"],
                    train["log_every"], train.get("mixed_precision", "no"), train.get("lr_schedule", "constant"),
-                   train.get("min_lr", 0.0), train.get("grad_accum", 1))
+                   train.get("min_lr", 0.0), train.get("grad_accum", 1), train.get("ema_schedule"),
+                   train.get("ema_warmup", True), train.get("pair_batch"), train.get("epoch_size") or epoch_size)
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of (0-based) ``step``: linear warm-up, then constant or cosine to ``min_lr``."""
+    def __post_init__(self) -> None:
+        if isinstance(self.lr_schedule, dict):
+            sched = Schedule.from_config(self.lr_schedule)
+            if abs(sched.points[0][1] - self.lr) > 1e-12 * max(1.0, self.lr):
+                raise ValueError(f"train.lr ({self.lr}) must equal the first value of train.lr_schedule "
+                                 f"({sched.points[0][1]})")
+        elif self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r} (constant, cosine or {{unit, points}})")
+        if self.pair_batch is not None and self.pair_batch % self.batch_size:
+            raise ValueError(f"train.pair_batch ({self.pair_batch}) must be a multiple of train.batch_size "
+                             f"({self.batch_size})")
+        k = self.pairing_steps
+        if k > 1 and (self.checkpoint_every % k or self.steps % k):
+            raise ValueError(f"train.checkpoint_every ({self.checkpoint_every}) and train.steps ({self.steps}) must be "
+                             f"multiples of pair_batch / batch_size = {k} (a resume restarts at a pairing boundary)")
+
+    @property
+    def pairing_steps(self) -> int:
+        """Steps that share one coupling problem: pair_batch / batch_size (the C2OT harness: 1024 / 256 = 4)."""
+        return 1 if self.pair_batch is None else self.pair_batch // self.batch_size
+
+    def steps_per_epoch(self, num_data: int) -> float:
+        return (self.epoch_size or num_data) / self.batch_size
+
+    def lr_at(self, step: int, num_data: int = 0) -> float:
+        """Learning rate of (0-based) ``step``: linear warm-up times constant, cosine to ``min_lr``, or a
+        piecewise schedule (in steps or epochs of ``num_data`` rows unless ``epoch_size`` is set)."""
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        if self.lr_schedule == "cosine":
+        if isinstance(self.lr_schedule, dict):
+            base = Schedule.from_config(self.lr_schedule).at_step(step, self.steps_per_epoch(num_data))
+        elif self.lr_schedule == "cosine":
             progress = max(0, step - self.warmup_steps) / max(1, self.steps - 1 - self.warmup_steps)
             base = self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        elif self.lr_schedule == "constant":
-            base = self.lr
         else:
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r} (constant or cosine)")
+            base = self.lr
         return base * warm
+
+    def ema_decay_at(self, step: int, num_data: int = 0) -> float:
+        """EMA decay after (0-based) ``step``: ``ema_decay``, or the piecewise ``ema_schedule``."""
+        if self.ema_schedule is None:
+            return self.ema_decay
+        return Schedule.from_config(self.ema_schedule).at_step(step, self.steps_per_epoch(num_data))
 
 
 def step_generator(seed: int, step: int, stream: str, rank: int = 0) -> torch.Generator:
@@ -80,12 +119,23 @@ def step_generator(seed: int, step: int, stream: str, rank: int = 0) -> torch.Ge
 
 
 class BatchPlan:
-    """Global batch indices of every step: consecutive slices of per-epoch permutations."""
+    """Global batch indices of every step: slices of per-epoch permutations, never crossing an epoch.
 
-    def __init__(self, num_data: int, batch_size: int, seed: int):
-        if batch_size > num_data:
-            raise ValueError(f"batch_size {batch_size} exceeds the dataset size {num_data}")
-        self.n, self.b, self.seed = num_data, batch_size, seed
+    An epoch is cut into ``num_data // chunk`` chunks (the last incomplete one is dropped, as a
+    DataLoader with ``drop_last``), so a chunk never holds a datapoint twice: LOOM's seed cache would
+    duplicate one seed and lose another. A chunk is one coupling problem (``chunk`` = pair_batch,
+    default the batch) and is consumed by ``chunk // batch_size`` consecutive steps.
+    """
+
+    def __init__(self, num_data: int, batch_size: int, seed: int, chunk: int | None = None):
+        chunk = chunk or batch_size
+        if chunk > num_data:
+            raise ValueError(f"batch_size / pair_batch {chunk} exceeds the dataset size {num_data}")
+        if chunk % batch_size:
+            raise ValueError(f"pair_batch {chunk} is not a multiple of batch_size {batch_size}")
+        self.n, self.b, self.seed, self.chunk = num_data, batch_size, seed, chunk
+        self.per_epoch = num_data // chunk
+        self.k = chunk // batch_size
         self._perm: dict[int, torch.Tensor] = {}
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -94,10 +144,15 @@ class BatchPlan:
                           **{e: p for e, p in self._perm.items() if e == epoch - 1}}
         return self._perm[epoch]
 
+    def chunk_indices(self, c: int) -> torch.Tensor:
+        """Dataset indices of chunk ``c`` (distinct)."""
+        epoch, w = divmod(c, self.per_epoch)
+        return self._permutation(epoch)[w * self.chunk:(w + 1) * self.chunk]
+
     def indices(self, step: int) -> torch.Tensor:
-        pos = step * self.b + torch.arange(self.b)
-        epoch, within = pos // self.n, pos % self.n
-        return torch.cat([self._permutation(int(e))[within[epoch == e]] for e in torch.unique(epoch)])
+        """Global batch indices of ``step``: slice ``step % k`` of chunk ``step // k``."""
+        c, j = divmod(step, self.k)
+        return self.chunk_indices(c)[j * self.b:(j + 1) * self.b]
 
 
 @dataclass
@@ -187,7 +242,7 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     # fused AdamW: one kernel for all parameters (4x faster steps for small models on CPU, also on CUDA)
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay,
                             fused=all(p.dtype == torch.float32 for p in params))
-    ema = EMA(trainable, settings.ema_decay)
+    ema = EMA(trainable, settings.ema_decay, warmup=settings.ema_warmup)
 
     start = 0
     if resume:
@@ -212,8 +267,13 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     if method.focal is not None and world > 1:
         method.focal.reduce = lambda t: acc.reduce(t, "sum")
     objective, opt = acc.prepare(objective, opt)
-    plan = BatchPlan(len(data), settings.batch_size, seed)
+    plan = BatchPlan(len(data), settings.batch_size, seed, settings.pair_batch)
     local = slice(rank * local_b, (rank + 1) * local_b)
+    # the C2OT harness solves one coupling over pair_batch samples and trains on it batch by batch
+    chunked = method.global_pairing and settings.pairing_steps > 1
+    if chunked and settings.pair_batch % world:
+        raise ValueError(f"pair_batch {settings.pair_batch} is not divisible by {world} process(es)")
+    chunk_pair, chunk_id = None, None
 
     def save(step: int) -> None:
         acc.wait_for_everyone()
@@ -231,28 +291,45 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     step = start
     for step in range(start, settings.steps):
         for group in opt.param_groups:
-            group["lr"] = settings.lr_at(step)
+            group["lr"] = settings.lr_at(step, len(data))
         idx = plan.indices(step)
+        if chunked and chunk_id != step // plan.k:
+            # one assignment for the whole chunk (identical on every process), consumed by k steps
+            chunk_id = step // plan.k
+            share = plan.chunk_indices(chunk_id).chunk(world)[rank]
+            cb = data.batch(share, device)
+            if world > 1:
+                allidx = acc.gather(cb.idx)
+                shards_disjoint = bool(torch.unique(allidx).numel() == allidx.numel() == plan.chunk)
+                cb = _gather_batch(acc, cb)
+            with torch.no_grad():
+                chunk_pair = method.pair(cb, step_generator(seed, chunk_id, "pair-chunk"))
         opt.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
         loss_sum = 0.0
         for m in range(accum):
-            # micro-batch m of the global batch; process r takes its share of every micro-batch
-            mine = data.batch(idx[m * micro_b:(m + 1) * micro_b][local], device)
-            if shards_disjoint is None and world > 1:
-                allidx = acc.gather(mine.idx)
-                shards_disjoint = bool(torch.unique(allidx).numel() == allidx.numel() == micro_b)
-            if method.global_pairing and world > 1:
-                batch, sel = _gather_batch(acc, mine), local
-            else:
-                batch, sel = mine, slice(None)
             tag = "" if accum == 1 else f"/{m}"  # one micro-batch: the same streams as before accumulation existed
-            pair_gen = step_generator(seed, step, "pair" + tag, 0 if method.global_pairing else rank)
             loss_gen = step_generator(seed, step, "loss" + tag, rank)
+            pair = None
+            if chunked:
+                lo = (step % plan.k) * settings.batch_size + m * micro_b
+                pair = chunk_pair.select(slice(lo, lo + micro_b)).select(local)
+                batch, sel, pair_gen = None, slice(None), None
+            else:
+                # micro-batch m of the global batch; process r takes its share of every micro-batch
+                mine = data.batch(idx[m * micro_b:(m + 1) * micro_b][local], device)
+                if shards_disjoint is None and world > 1:
+                    allidx = acc.gather(mine.idx)
+                    shards_disjoint = bool(torch.unique(allidx).numel() == allidx.numel() == micro_b)
+                if method.global_pairing and world > 1:
+                    batch, sel = _gather_batch(acc, mine), local
+                else:
+                    batch, sel = mine, slice(None)
+                pair_gen = step_generator(seed, step, "pair" + tag, 0 if method.global_pairing else rank)
             sync = contextlib.nullcontext() if m == accum - 1 else acc.no_sync(objective)
             with sync:
                 with acc.autocast():
-                    loss, mterms = objective(batch, sel, pair_gen, loss_gen)
+                    loss, mterms = objective(batch, sel, pair_gen, loss_gen, pair)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {float(loss.detach())} at step {step}; the last good "
                                              f"checkpoint is kept in {ckpt_dir}")
@@ -263,7 +340,7 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
         loss = torch.tensor(loss_sum / accum)
         grad_norm = acc.clip_grad_norm_(params, settings.grad_clip) if settings.grad_clip > 0 else None
         opt.step()
-        ema.update()
+        ema.update(settings.ema_decay_at(step, len(data)))
         terms["loss"] = float(loss.detach())
         if grad_norm is not None:
             terms["grad_norm"] = float(grad_norm)

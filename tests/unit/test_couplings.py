@@ -20,7 +20,7 @@ from sourceflow.flow.couplings import (
     search_weight,
     sq_cost_matrix,
 )
-from sourceflow.flow.sources import GaussianSource, GMMSource, ToySource
+from sourceflow.flow.sources import GaussianSource, GMMSource, SourceDraw, ToySource
 from sourceflow.gmm.diag import DiagGMM
 from sourceflow.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -107,7 +107,8 @@ def test_loom_total_cost_never_increases_and_cache_survives_a_checkpoint(tmp_pat
     def total() -> float:
         # seeds move between (datapoint, slot) cells, so the invariant is the total over all cells
         full = Batch(x, torch.arange(n))
-        return sum(float(loom.current_pairs(full, src, s).cost().double().sum()) for s in range(2))
+        # LOOM minimises the plain Euclidean distance, so that total is the one that never increases
+        return sum(float(loom.current_pairs(full, src, s).cost().double().sqrt().sum()) for s in range(2))
 
     history = [total()]
     for epoch in range(6):
@@ -130,6 +131,53 @@ def test_loom_total_cost_never_increases_and_cache_survives_a_checkpoint(tmp_pat
     assert torch.equal(fresh.seeds, loom.seeds) and info["step"] == 1
     with pytest.raises(ValueError, match="does not match"):
         LoomCoupling(num_data=n + 1, num_caches=2).load_state_dict(loom.state_dict())
+
+
+def test_loom_solves_on_the_plain_euclidean_distance_like_loom_cfm():
+    """LOOM-CFM's assignment minimises sum ||x0 - x1|| (torch.cdist), not the squared distance that
+    OT-CFM uses; checked against brute force over all permutations where the two optima differ."""
+    n = 6
+    src = GaussianSource((2,))
+    found = 0
+    for trial in range(60):
+        x1 = torch.randn(n, 2, generator=torch.Generator().manual_seed(1000 + trial)) * 2
+        loom = LoomCoupling(num_data=n, num_caches=1, seed=trial)
+        x0 = src.from_seeds(loom.seeds[:, 0]).x0
+        d = torch.cdist(x0.double(), x1.double())
+
+        def best(c: torch.Tensor) -> tuple[int, ...]:
+            # perm[j] = the x0 row paired with x1[j]
+            return min(itertools.permutations(range(n)), key=lambda p: float(sum(c[p[j], j] for j in range(n))))
+
+        euclid, squared = best(d), best(d ** 2)
+        if euclid == squared:
+            continue
+        found += 1
+        pair = loom.pair(Batch(x1, torch.arange(n)), src, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(pair.x0, x0[list(euclid)])
+        sq = MinibatchOT().pair(Batch(x1, torch.arange(n)), _FixedDraw(x0), None)
+        torch.testing.assert_close(sq.x0, x0[list(squared)])
+        eu = MinibatchOT(cost="euclidean").pair(Batch(x1, torch.arange(n)), _FixedDraw(x0), None)
+        torch.testing.assert_close(eu.x0, x0[list(euclid)])
+    assert found >= 3  # the two costs really disagree on some of these instances
+
+
+class _FixedDraw(GaussianSource):
+    """A source whose every draw is the same fixed x0 (to compare couplings on one instance)."""
+
+    def __init__(self, x0: torch.Tensor):
+        super().__init__(tuple(x0.shape[1:]))
+        self.fixed = x0
+
+    def sample(self, n, generator=None, cond=None, mode=None, device=None):
+        return SourceDraw(self.fixed[:n].clone())
+
+
+def test_loom_refuses_a_batch_that_holds_a_datapoint_twice():
+    loom = LoomCoupling(num_data=8, num_caches=1, seed=0)
+    idx = torch.tensor([0, 1, 2, 2])
+    with pytest.raises(ValueError, match="twice"):
+        loom.pair(Batch(torch.randn(4, 2), idx), GaussianSource((2,)), None)
 
 
 def test_loom_regenerates_the_same_noise_from_seeds():

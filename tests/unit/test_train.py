@@ -105,8 +105,90 @@ def test_training_reduces_the_loss(data, tmp_path):
     assert summary["coupling_cost"] > 0 and summary["world_size"] == 1
 
 
-def test_batch_plan_covers_each_epoch_once():
+def test_batch_plan_never_repeats_a_datapoint_within_a_batch_or_chunk():
+    """A batch spanning an epoch boundary could hold one datapoint twice (LOOM would then duplicate a
+    seed and lose another): the plan drops the incomplete tail of every epoch, like drop_last."""
     plan = BatchPlan(10, 4, seed=0)
-    first = torch.cat([plan.indices(s) for s in range(5)])  # 20 indices = 2 epochs
-    assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:].tolist()) == list(range(10))
+    for e in range(3):  # two batches per epoch, from one permutation
+        a, b = plan.indices(2 * e), plan.indices(2 * e + 1)
+        both = torch.cat([a, b]).tolist()
+        assert len(set(both)) == 8 and set(both) <= set(range(10))
     assert torch.equal(plan.indices(3), BatchPlan(10, 4, seed=0).indices(3))
+    # a chunk (pair_batch) of 3 batches: 9 distinct indices consumed by 3 consecutive steps
+    plan = BatchPlan(20, 3, seed=1, chunk=9)
+    for c in range(4):
+        steps = torch.cat([plan.indices(3 * c + j) for j in range(3)])
+        assert torch.equal(steps, plan.chunk_indices(c)) and len(set(steps.tolist())) == 9
+    with pytest.raises(ValueError, match="multiple"):
+        BatchPlan(20, 3, seed=0, chunk=10)
+
+
+def test_pair_batch_solves_one_assignment_per_chunk_and_resumes_exactly(data, tmp_path, monkeypatch):
+    """The C2OT harness couples 1024 samples once and trains on them 256 at a time."""
+    from sourceflow.flow import couplings
+
+    sizes: list[int] = []
+    real = couplings.assign
+
+    def spy(cost):
+        sizes.append(int(cost.shape[0]))
+        return real(cost)
+
+    monkeypatch.setattr(couplings, "assign", spy)
+    spec = make_spec("otcfm")
+    spec["train"].update(steps=24, batch_size=16, pair_batch=64, checkpoint_every=8)
+    run(spec, data, tmp_path / "straight")
+    assert sizes[:6] == [64] * 6  # 24 steps / 4 steps per chunk = 6 assignments of 64 (then the cost check)
+    sizes.clear()
+    for name, extra in (("loom", {"coupling": {"num_caches": 2}}), ("otcfm", {})):
+        spec = make_spec(name, **extra)
+        spec["train"].update(steps=24, batch_size=16, pair_batch=64, checkpoint_every=8)
+        run(spec, data, tmp_path / f"{name}-a")
+        run(spec, data, tmp_path / f"{name}-b", stop_after=10)
+        assert run(spec, data, tmp_path / f"{name}-b")["resumed_from"] == 8
+        a = load_file(str(tmp_path / f"{name}-a" / "model.safetensors"))
+        b = load_file(str(tmp_path / f"{name}-b" / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    spec["train"].update(checkpoint_every=6)
+    with pytest.raises(ValueError, match="multiples of pair_batch"):
+        TrainSettings.from_spec(spec["train"])
+
+
+def test_piecewise_lr_and_ema_schedules_follow_mm_fm_in_epochs():
+    """MM-FM: lr 4e-4 for epochs 0-20, then 2e-4, linear decay from epoch 40 toward 2e-5 at epoch 800
+    (about 1.9e-4 at epoch 80); EMA 0.999 for 20 epochs, then 0.9995 (DESIGN.md)."""
+    train = {"steps": 100000, "batch_size": 1024, "lr": 4e-4, "weight_decay": 0.0, "betas": [0.9, 0.95],
+             "warmup_steps": 0, "ema_decay": 0.9995, "grad_clip": 1.0, "checkpoint_every": 2000, "log_every": 100,
+             "lr_schedule": {"unit": "epoch", "points": [[0, 4e-4], [20, 4e-4], [20, 2e-4], [40, 2e-4], [800, 2e-5]]},
+             "ema_schedule": {"unit": "epoch", "points": [[0, 0.999], [20, 0.999], [20, 0.9995]]}}
+    s = TrainSettings.from_spec(train, epoch_size=1_281_167)
+    spe = 1_281_167 / 1024
+    epoch = lambda e: int(e * spe) + 1  # noqa: E731  (the first step starting after epoch e)
+    assert s.lr_at(0) == 4e-4 and s.lr_at(epoch(19.9)) == 4e-4
+    assert s.lr_at(epoch(20)) == 2e-4 and s.lr_at(epoch(39.9)) == 2e-4
+    assert s.lr_at(epoch(80)) == pytest.approx(2e-4 - (2e-4 - 2e-5) * 40 / 760, rel=1e-3)  # 1.905e-4
+    assert s.lr_at(99999) == pytest.approx(1.9e-4, abs=2e-6)
+    assert s.ema_decay_at(epoch(19.9)) == 0.999 and s.ema_decay_at(epoch(20)) == 0.9995
+    assert 100000 / spe == pytest.approx(80, abs=0.1)  # 100k steps are MM-FM's 80 epochs
+    with pytest.raises(ValueError, match="first value"):
+        TrainSettings.from_spec({**train, "lr": 1e-3}, epoch_size=1000)
+
+
+def test_ema_without_warmup_uses_the_scheduled_decay():
+    from sourceflow.train.ema import EMA
+
+    m = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(0.0)
+    ema = EMA(m, 0.9, warmup=False)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    ema.update(0.5)
+    assert float(ema.module.weight) == pytest.approx(0.5)
+    ema.update()
+    assert float(ema.module.weight) == pytest.approx(0.5 * 0.9 + 0.1)
+    warm = EMA(m, 0.9)  # with the warm-up the first decay is (1 + 0) / (10 + 0) = 0.1
+    with torch.no_grad():
+        warm.module.weight.fill_(0.0)
+    warm.update()
+    assert float(warm.module.weight) == pytest.approx(0.9)
