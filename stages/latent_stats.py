@@ -1,13 +1,17 @@
 """latent_stats: per-position mean and variance of a complete latent store's spatial latents (RAE-style:
 over all rows, flipped copies included, separately for every (c, h, w)), accumulated in float64 in one
 streaming pass, saved as float32 `mean` and `var` [C, H, W] in a safetensors file that
-`sourceflow.store.stats.LatentStats.load` reads (normalize = (x - mean) / sqrt(var + eps)).
+`sourceflow.store.stats.LatentStats.load` reads. The file's metadata records how to normalise
+(--normalize, --eps), so every reader applies the same: mean_std = (x - mean) / sqrt(var + eps);
+std = x / sqrt(var + eps), no mean subtracted (RAE on DINOv2-B, with eps 1e-5).
 
 Refuses a store that is not marked complete (a killed or running extraction).
 
 Example:
   python stages/latent_stats.py --store results/digits/pixels/latents.zarr \\
       --out results/digits/pixels/latent_stats.safetensors
+  python stages/latent_stats.py --store results/imagenet256/rae/latents.zarr --normalize std --eps 1e-5 \\
+      --out results/imagenet256/rae/latent_stats.safetensors
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ def main() -> None:
     p.add_argument("--store", required=True, help="latent store (latents.zarr) written by extract_latents")
     p.add_argument("--out", required=True, help="output .safetensors with mean and var [C, H, W]")
     p.add_argument("--batch-rows", type=int, default=1024, help="rows read and accumulated at a time")
-    p.add_argument("--eps", type=float, default=1e-6, help="eps stored with the stats: x / sqrt(var + eps)")
+    p.add_argument("--normalize", default="mean_std", choices=["mean_std", "std"],
+                   help="mean_std: (x - mean) / sqrt(var + eps); std: x / sqrt(var + eps) (RAE, DINOv2-B)")
+    p.add_argument("--eps", type=float, default=1e-6, help="eps stored with the stats (RAE: 1e-5)")
     cli.add_common(p)
     a = p.parse_args()
     cli.set_threads(a.threads)
@@ -33,12 +39,15 @@ def main() -> None:
     from sourceflow.store.latents import LatentStore
     from sourceflow.store.stats import compute_latent_stats
 
+    if not a.eps > 0:
+        raise ValueError(f"--eps must be positive, got {a.eps}")
     store = LatentStore.open(a.store)
-    stats = compute_latent_stats(store, a.batch_rows, progress=True, eps=a.eps)
+    stats = compute_latent_stats(store, a.batch_rows, progress=True, eps=a.eps, mode=a.normalize)
     meta = {k: str(store.attrs.get(k)) for k in ("encoder", "weights", "resolution", "manifest_hash", "split", "flips")}
     meta["num_rows"] = str(store.num_rows)
     stats.save(a.out, metadata=meta)
-    print(f"wrote {a.out}: mean/var {tuple(stats.mean.shape)} over {store.num_rows} rows; "
+    print(f"wrote {a.out}: mean/var {tuple(stats.mean.shape)} over {store.num_rows} rows ({a.normalize}, "
+          f"eps {a.eps:g}); "
           f"mean |mean| {stats.mean.abs().mean():.4g}, mean var {stats.var.mean():.4g}")
 
 

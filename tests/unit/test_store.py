@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sourceflow.store.latents import LatentStore, LatentWriter, expected_index_flip
 from sourceflow.store.stats import LatentStats, compute_latent_stats
@@ -223,3 +225,38 @@ def test_running_moments_merge_is_exact_for_offset_data():
         m.update(x[i:i + 37])
     np.testing.assert_allclose(m.var, x.astype(np.float64).var(0), rtol=1e-9)
     np.testing.assert_allclose(m.mean, x.astype(np.float64).mean(0), rtol=1e-12)
+
+
+def test_variance_only_normalization_matches_numpy_and_inverts(tmp_path):
+    """RAE's DINOv2-B normalisation: z / sqrt(var + 1e-5) per (c, h, w), no mean subtracted; the stage
+    records it in the file, the loader applies it, and denormalize inverts it."""
+    path = tmp_path / "s.zarr"
+    w, data = random_store(path, num_images=30, flips=True, shard_rows=8)
+    w.mark_complete()
+    out = tmp_path / "latent_stats.safetensors"
+    run_stage("latent_stats", "--store", path, "--out", out, "--normalize", "std", "--eps", "1e-5", "--batch-rows", 9)
+    st = LatentStats.load(out)
+    assert st.mode == "std" and st.eps == 1e-5
+    with safe_open(str(out), "np") as f:
+        meta = f.metadata()
+    assert meta["normalize"] == "std" and float(meta["eps"]) == 1e-5 and meta["num_rows"] == "60"
+    x = data["spatial"].astype(np.float64)
+    np.testing.assert_allclose(st.var.numpy(), x.var(0), rtol=1e-6)  # the variance around the mean
+    z = st.normalize(torch.from_numpy(data["spatial"]))
+    ref = x / np.sqrt(x.var(0) + 1e-5)
+    np.testing.assert_allclose(z.double().numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert abs(z.double().mean().item()) > 1.0  # the data's mean (3) is not removed, only the scale
+    np.testing.assert_allclose(z.double().numpy().var(0), x.var(0) / (x.var(0) + 1e-5), rtol=1e-4)
+    torch.testing.assert_close(st.denormalize(z), torch.from_numpy(data["spatial"]), rtol=1e-6, atol=1e-5)
+    zd = st.normalize(torch.from_numpy(x))  # float64 in, float64 out: the inverse is exact to rounding
+    torch.testing.assert_close(st.denormalize(zd), torch.from_numpy(x), rtol=1e-12, atol=1e-12)
+    # the default file records mean_std, and a file without the key (older) reads as mean_std
+    run_stage("latent_stats", "--store", path, "--out", tmp_path / "ms.safetensors")
+    assert LatentStats.load(tmp_path / "ms.safetensors").mode == "mean_std"
+    save_file({"mean": st.mean, "var": st.var}, str(tmp_path / "old.safetensors"), metadata={"eps": "1e-06"})
+    assert LatentStats.load(tmp_path / "old.safetensors").mode == "mean_std"
+    save_file({"mean": st.mean, "var": st.var}, str(tmp_path / "bad.safetensors"), metadata={"normalize": "minmax"})
+    with pytest.raises(ValueError, match="unknown normalization 'minmax'"):
+        LatentStats.load(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        LatentStats(st.mean, st.var, mode="center")

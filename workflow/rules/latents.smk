@@ -39,6 +39,9 @@ rule latent_stats:
         f"{R}/{{dataset}}/{{encoder}}/latent_stats.safetensors",
     params:
         store=lambda wc: latents_store(wc.dataset, wc.encoder),
+        # mean_std or std (RAE: variance only) and its eps, recorded in the file for every reader
+        normalize=lambda wc: encoder_spec(wc)["normalize"],
+        eps=lambda wc: encoder_spec(wc)["normalize_eps"],
     log:
         f"{R}/logs/{{dataset}}/{{encoder}}/latent_stats.log",
     benchmark:
@@ -50,4 +53,5 @@ rule latent_stats:
         mem_mb=4000,
         runtime=120,
     shell:
-        "python stages/latent_stats.py --store {params.store} --out {output} > {log} 2>&1"
+        "python stages/latent_stats.py --store {params.store} --normalize {params.normalize} --eps {params.eps} "
+        "--out {output} > {log} 2>&1"
