@@ -1,11 +1,13 @@
 """build_spatial_gmm: MM-FM's spatial GMM — per CLS mode, the mean and variance of the normalized
 spatial latents of the images in that mode (the GMM source x0 ~ N(μ_k, σ_k² I) is drawn from).
 
-One streaming pass over every row of the latent store (flipped rows too: a flipped row takes the mode
-of its unflipped image, joined on the store's `index` column with the CLS labels file). Latents are
-normalized with the latent stats first. Per mode, in float64: the mean, and either ONE scalar variance
-(--variance spherical, MM-FM: biased, averaged over all C·H·W dims) or a per-dim variance (diag).
-Modes without rows get the global mean and variance; mixture weights are copied from the CLS GMM.
+As MM-FM does it on RAE: one streaming pass over the store's unflipped rows; each image takes the mode
+of its CLS token (joined on the store's `index` column with the CLS labels file). Latents are
+normalized with the latent stats first. When the store has flips, each image's flipped copy is
+torch.flip of its normalized latent along W, in the same mode — the store's re-encoded flipped rows are
+not read. Per mode, in float64: the mean, and either ONE scalar variance (--variance spherical, MM-FM:
+biased, averaged over all C·H·W dims) or a per-dim variance (diag). Modes without images get the
+global mean and the mean variance of the non-empty modes; mixture weights are copied from the CLS GMM.
 
 Memory and disk: each [K, C·H·W] float64 accumulator takes K·C·H·W·8 bytes (spherical needs one,
 diag two): 12.9 GB each at K=8192 and 768x16x16 latents. When that exceeds --memory-budget-mb they are
@@ -38,7 +40,8 @@ from sourceflow import cli  # noqa: E402
 
 def main() -> None:
     p = cli.parser(__doc__)
-    p.add_argument("--store", required=True, help="latent store latents.zarr (all rows are used, flips included)")
+    p.add_argument("--store", required=True,
+                   help="latent store latents.zarr (its unflipped rows; flipped copies are torch.flip of them)")
     p.add_argument("--stats", required=True, help="latent_stats.safetensors used to normalize the spatial latents")
     p.add_argument("--cls-gmm", required=True, help="CLS GMM cls_K{K}.safetensors (its weights are copied)")
     p.add_argument("--labels", required=True, help="cls_K{K}_labels.safetensors: `index` (manifest) and `labels`")
@@ -81,29 +84,40 @@ def main() -> None:
     shape = tuple(store.spatial_shape)
     d = int(np.prod(shape))
 
+    flips = bool(store.attrs.get("flips", False))
+
     def batches():
-        for _, arrs in store.iter_batches(["index", "spatial"], a.batch_rows):
+        # rows [0, M) are the unflipped images (the store layout); the flip column checks it
+        for first, arrs in store.iter_batches(["index", "flip", "spatial"], a.batch_rows, 0, store.num_images):
+            if arrs["flip"].any():
+                raise ValueError(f"{a.store}: row {first + int(np.argmax(arrs['flip']))} is flipped, but rows "
+                                 f"[0, {store.num_images}) should be the unflipped images")
             yield arrs["index"], arrs["spatial"]
 
-    sums = accumulate(batches(), stats.normalize, label_of, k, d, variance=a.variance,
+    sums = accumulate(batches(), stats.normalize, label_of, k, d, flips=flips, variance=a.variance,
                       memory_budget_bytes=int(a.memory_budget_mb * 2**20), tmp_dir=out.parent,
                       total_rows=store.num_rows, progress=True)
     try:
         if sums.num_rows != store.num_rows:
-            raise ValueError(f"{a.store}: accumulated {sums.num_rows} rows, the store has {store.num_rows}")
+            raise ValueError(f"{a.store}: accumulated {sums.num_rows} rows (with flipped copies), the store has "
+                             f"{store.num_rows}")
         if sums.on_disk:
             print(f"accumulators: {sums.accumulator_bytes / 2**30:.1f} GiB > budget {a.memory_budget_mb:.0f} MB: "
                   f"memory-mapped files beside {out}", file=sys.stderr)
         acc_seconds = time.perf_counter() - t0
         write_spatial_gmm(out, sums, weights, shape, dtype=np.dtype(a.save_dtype),
-                          metadata={"variance": a.variance, "components": str(k), "store": str(a.store)})
+                          metadata={"variance": a.variance, "components": str(k), "store": str(a.store),
+                                    "flips": "torch.flip of the normalized unflipped latent" if flips else "none"})
         rep = SpatialReport.of(sums)
+        fill = sums.empty_mode_fill()[1]
     finally:
         sums.close()
     report = {"store": str(a.store), "stats": str(a.stats), "cls_gmm": str(a.cls_gmm), "labels": str(a.labels),
               "variance": a.variance, "K": k, "spatial_shape": list(shape), "rows": rep.num_rows,
-              "num_images": store.num_images, "flips": bool(store.attrs.get("flips", False)),
+              "num_images": store.num_images, "flips": flips,
+              "flipped_copies": "torch.flip of the normalized unflipped latent" if flips else "none",
               "counts": rep.counts, "empty_modes": rep.empty_modes, "singleton_modes": rep.singleton_modes,
+              "empty_mode_variance": float(np.mean(fill)),
               "accumulator_bytes": rep.accumulator_bytes, "memory_mapped": rep.on_disk,
               "memory_budget_mb": a.memory_budget_mb, "save_dtype": a.save_dtype,
               "seconds": {"accumulate": acc_seconds, "total": time.perf_counter() - t0}}

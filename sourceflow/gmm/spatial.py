@@ -1,11 +1,15 @@
 """MM-FM's spatial GMM: per CLS mode, the mean and variance of the normalized spatial latents.
 
-Every row of the latent store belongs to the mode of its image's CLS token (the CLS GMM's hard label;
-a flipped row shares its image's manifest ``index`` and so its mode). One streaming pass accumulates
-per mode, in float64, the row count, Σx [D] and either Σ‖x‖² (``spherical``: MM-FM's ONE scalar
-variance per mode, biased, averaged over all D dims: v_k = Σ‖x‖²/(n_k·D) − mean_d μ_kd²) or Σx² [D]
-(``diag``: v_kd = Σx_d²/n_k − μ_kd²). Empty modes get the global mean and variance; weights are the
-CLS GMM's. The file has ``weights`` [K], ``means`` [K, C, H, W] and ``variances`` [K] or [K, C, H, W]
+As MM-FM builds it on RAE: every image belongs to the mode of its unflipped image's CLS token (the CLS
+GMM's hard label, joined on the manifest ``index``). Only the unflipped rows of the store are read;
+when the store has flips, each image's flipped copy is ``torch.flip`` of its *normalized* latent along
+W (not the store's re-encoded flipped row, which differs from it) and goes to the same mode. One
+streaming pass accumulates per mode, in float64, the row count, Σx [D] and either Σ‖x‖² (``spherical``:
+MM-FM's ONE scalar variance per mode, biased, averaged over all D dims: v_k = Σ‖x‖²/(n_k·D) −
+mean_d μ_kd²) or Σx² [D] (``diag``: v_kd = Σx_d²/n_k − μ_kd²). An empty mode gets the global mean (over
+all rows, flipped copies included) and the mean variance of the non-empty modes (unweighted; per dim
+for ``diag``), not the global variance, which would add the spread between modes. Weights are the CLS
+GMM's. The file has ``weights`` [K], ``means`` [K, C, H, W] and ``variances`` [K] or [K, C, H, W]
 (what :meth:`DiagGMM.load` and :class:`GMMSource` read).
 
 Memory: each [K, D] float64 accumulator is K·D·8 bytes (12.9 GB at K=8192, D=768·16·16). Above the
@@ -67,8 +71,8 @@ class ModeSums:
         self.k, self.d, self.variance = k, d, variance
         self.counts = np.zeros(k, dtype=np.int64)
         self.sq_scalar = np.zeros(k, dtype=np.float64)           # Σ‖x‖² per mode (spherical)
-        self.total = np.zeros(d, dtype=np.float64)               # global Σx, Σx² per dim
-        self.total_sq = np.zeros(d, dtype=np.float64)
+        self.total = np.zeros(d, dtype=np.float64)               # global Σx per dim
+        self._fill: tuple[np.ndarray, np.ndarray | float] | None = None
         n_big = 1 if variance == "spherical" else 2
         self.accumulator_bytes = n_big * k * d * 8
         self.on_disk = self.accumulator_bytes > memory_budget_bytes
@@ -97,7 +101,7 @@ class ModeSums:
         xx = x * x
         self.counts += np.bincount(modes, minlength=self.k)
         self.total += x.sum(0).numpy()
-        self.total_sq += xx.sum(0).numpy()
+        self._fill = None
         if self.variance == "spherical":
             np.add.at(self.sq_scalar, modes, xx.sum(1).numpy())
         if not self.on_disk:
@@ -121,37 +125,52 @@ class ModeSums:
     def global_mean(self) -> np.ndarray:
         return self.total / self.num_rows
 
-    def global_var(self) -> np.ndarray:
-        """Per-dim biased variance over all rows [D]."""
-        mu = self.global_mean()
-        return np.maximum(self.total_sq / self.num_rows - mu * mu, 0.0)
-
     def _rows(self, arr, a: int, b: int) -> np.ndarray:
         return np.asarray(arr[a:b]) if isinstance(arr, np.memmap) else arr[a:b].numpy()
 
+    def _block(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(empty [b−a] bool, means [b−a, D], biased variances [b−a] or [b−a, D]) of modes [a, b);
+        the rows of empty modes are meaningless."""
+        n = self.counts[a:b].astype(np.float64)
+        empty = n == 0
+        nn = np.where(empty, 1.0, n)[:, None]
+        mu = self._rows(self.sx, a, b) / nn
+        if self.variance == "spherical":
+            var = np.maximum(self.sq_scalar[a:b] / (nn[:, 0] * self.d) - (mu * mu).mean(1), 0.0)
+        else:
+            var = np.maximum(self._rows(self.sxx, a, b) / nn - mu * mu, 0.0)
+        return empty, mu, var
+
+    def empty_mode_fill(self, block_modes: int = 256) -> tuple[np.ndarray, np.ndarray | float]:
+        """What an empty mode gets: (the global mean [D], the mean variance of the non-empty modes —
+        a scalar for spherical, [D] for diag). One pass over the accumulators (cached)."""
+        if self._fill is None:
+            if self.num_rows == 0:
+                raise ValueError("spatial GMM: no rows were accumulated")
+            total = np.zeros(() if self.variance == "spherical" else self.d, dtype=np.float64)
+            for a in range(0, self.k, block_modes):
+                empty, _, var = self._block(a, min(a + block_modes, self.k))
+                total = total + var[~empty].sum(0)
+            fill = total / int((self.counts > 0).sum())
+            self._fill = (self.global_mean(), float(fill) if self.variance == "spherical" else fill)
+        return self._fill
+
     def blocks(self, block_modes: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(first mode, means [b, D], variances [b] or [b, D]) per block of modes, float64."""
-        g_mu, g_var = self.global_mean(), self.global_var()
+        g_mu, fill = self.empty_mode_fill(block_modes)
         for a in range(0, self.k, block_modes):
-            b = min(a + block_modes, self.k)
-            n = self.counts[a:b].astype(np.float64)
-            empty = n == 0
-            nn = np.where(empty, 1.0, n)[:, None]
-            mu = self._rows(self.sx, a, b) / nn
-            if self.variance == "spherical":
-                var = np.maximum(self.sq_scalar[a:b] / (nn[:, 0] * self.d) - (mu * mu).mean(1), 0.0)
-                var[empty] = g_var.mean()
-            else:
-                var = np.maximum(self._rows(self.sxx, a, b) / nn - mu * mu, 0.0)
-                var[empty] = g_var
+            empty, mu, var = self._block(a, min(a + block_modes, self.k))
             mu[empty] = g_mu
+            var[empty] = fill
             yield a, mu, var
 
 
 def accumulate(batches: Iterator[tuple[np.ndarray, np.ndarray]], normalize: Callable[[torch.Tensor], torch.Tensor],
-               label_of: np.ndarray, k: int, d: int, *, variance: str, memory_budget_bytes: int,
+               label_of: np.ndarray, k: int, d: int, *, flips: bool, variance: str, memory_budget_bytes: int,
                tmp_dir: Path | None = None, total_rows: int | None = None, progress: bool = False) -> ModeSums:
-    """One pass over ``(index [B], spatial [B, ...])`` batches: normalize, look up modes, accumulate."""
+    """One pass over ``(index [B], spatial [B, C, H, W])`` batches of *unflipped* images: normalize, look
+    up each image's mode, accumulate; with ``flips`` also ``torch.flip`` of each normalized latent along
+    W, in the same mode (MM-FM's flipped copies; see the module docstring)."""
     from tqdm import tqdm
 
     sums = ModeSums(k, d, variance, memory_budget_bytes, tmp_dir)
@@ -161,11 +180,16 @@ def accumulate(batches: Iterator[tuple[np.ndarray, np.ndarray]], normalize: Call
                 if index.max(initial=-1) >= len(label_of) or (label_of[index] < 0).any():
                     bad = next(int(i) for i in index if i >= len(label_of) or label_of[i] < 0)
                     raise KeyError(f"manifest index {bad} of the store has no CLS label")
-                x = normalize(torch.from_numpy(np.ascontiguousarray(spatial))).reshape(len(index), -1)
-                if x.shape[1] != d:
-                    raise ValueError(f"spatial rows have {x.shape[1]} values, expected {d}")
-                sums.add(label_of[index], x.to(torch.float64))
-                bar.update(len(index))
+                z = normalize(torch.from_numpy(np.ascontiguousarray(spatial))).to(torch.float64)
+                if z.ndim != 4 or z[0].numel() != d:
+                    raise ValueError(f"spatial rows of shape {tuple(z.shape[1:])} ({z[0].numel()} values), "
+                                     f"expected [C, H, W] with {d} values")
+                modes = label_of[index]
+                if flips:
+                    z = torch.cat([z, torch.flip(z, dims=[-1])])
+                    modes = np.concatenate([modes, modes])
+                sums.add(modes, z.reshape(len(z), d))
+                bar.update(len(z))
     except BaseException:
         sums.close()
         raise

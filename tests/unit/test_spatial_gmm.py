@@ -1,4 +1,7 @@
-"""MM-FM's spatial GMM against brute-force per-mode numpy moments (flips, an empty mode, memmap path)."""
+"""MM-FM's spatial GMM against brute-force per-mode numpy moments: flipped copies are np.flip of the
+normalized unflipped latent (the store's re-encoded flipped rows are deliberately different), one biased
+scalar variance over all dims, an empty mode gets the global mean and the mean variance of the non-empty
+modes; RAM and memmap paths, a store without flips, variance-only normalisation."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from tests.unit.test_gmm_em import tiny_store
 
 ROOT = Path(__file__).resolve().parents[2]
 M, K, SHAPE = 40, 5, (3, 2, 4)  # 40 images (+ 40 flips), 5 modes of which mode 3 gets no image
+EMPTY = 3
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +32,8 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spatial")
     rng = np.random.default_rng(0)
     spatial = (2.0 + 1.5 * rng.normal(size=(2 * M, *SHAPE))).astype(np.float32)
-    spatial[M:] = spatial[:M, ..., ::-1] + 0.1 * rng.normal(size=(M, *SHAPE)).astype(np.float32)  # "flipped"
+    # "re-encoded" flipped rows: the flip plus noise, so they are NOT the flip of the unflipped rows
+    spatial[M:] = spatial[:M, ..., ::-1] + 0.5 * rng.normal(size=(M, *SHAPE)).astype(np.float32)
     index = tiny_store(tmp / "latents.zarr", rng.normal(size=(2 * M, 4)), spatial, flips=True, shard_rows=16)
     labels = np.array([0, 1, 2, 4])[rng.integers(0, 4, M)]
     labels[7] = 1  # mode 1 keeps at least one image
@@ -45,22 +50,62 @@ def setup(tmp_path_factory):
     return tmp, spatial, labels, stats, w / w.sum()
 
 
-def brute_force(spatial, labels, stats, variance):
-    """Per-mode moments by numpy over every row (flipped rows take their image's label)."""
-    x = stats.normalize(torch.from_numpy(spatial)).double().numpy().reshape(len(spatial), -1)
-    lab = np.concatenate([labels, labels])
-    g_mu, g_var = x.mean(0), x.var(0)
+def np_normalize(spatial: np.ndarray, stats: LatentStats) -> np.ndarray:
+    """(x − mean) / sqrt(var + eps), or x / sqrt(var + eps) for variance-only stats, in numpy float32 (as
+    the stage computes it), returned as float64."""
+    mean = stats.mean.numpy() if stats.mode == "mean_std" else np.float32(0)
+    std = np.sqrt(stats.var.numpy() + np.float32(stats.eps))
+    return ((spatial.astype(np.float32) - mean) / std).astype(np.float64)
+
+
+def rows_and_labels(spatial, labels, stats, flips=True, reencoded=False):
+    """Every training row normalized [R, D] and its mode: the unflipped rows and, with flips, their flips
+    along W (or, with ``reencoded``, the store's own flipped rows: the wrong answer)."""
+    z = np_normalize(spatial[:M], stats)
+    if not flips:
+        return z.reshape(M, -1), labels
+    flipped = np_normalize(spatial[M:], stats) if reencoded else z[..., ::-1]
+    return np.concatenate([z, flipped]).reshape(2 * M, -1), np.concatenate([labels, labels])
+
+
+def brute_force(spatial, labels, stats, variance, flips=True, reencoded=False):
+    """Per-mode moments by numpy loops: (means [K, *SHAPE], variances [K] or [K, *SHAPE], counts [K])."""
+    x, lab = rows_and_labels(spatial, labels, stats, flips, reencoded)
     means, var = [], []
     for k in range(K):
         xs = x[lab == k]
-        if len(xs) == 0:
-            means.append(g_mu)
-            var.append(g_var.mean() if variance == "spherical" else g_var)
+        if len(xs):
+            mu = xs.sum(0) / len(xs)
+            dev2 = (xs - mu) ** 2  # biased: divide by the row count
+            means.append(mu)
+            var.append(dev2.mean() if variance == "spherical" else dev2.mean(0))
         else:
-            means.append(xs.mean(0))
-            var.append(xs.var(0).mean() if variance == "spherical" else xs.var(0))
-    return np.stack(means).reshape(K, *SHAPE), np.stack(var) if variance == "spherical" else \
-        np.stack(var).reshape(K, *SHAPE), np.bincount(lab, minlength=K)
+            means.append(None)
+            var.append(None)
+    full = [k for k in range(K) if means[k] is not None]
+    for k in range(K):
+        if means[k] is None:  # the global mean; the mean variance of the non-empty modes
+            means[k] = x.mean(0)
+            var[k] = np.mean([var[j] for j in full], axis=0)
+    var = np.stack(var) if variance == "spherical" else np.stack(var).reshape(K, *SHAPE)
+    return np.stack(means).reshape(K, *SHAPE), var, np.bincount(lab, minlength=K)
+
+
+def run_spatial(tmp, out, variance="spherical", budget_mb="1000", store="latents.zarr", stats="stats.safetensors"):
+    res = subprocess.run([sys.executable, "stages/build_spatial_gmm.py", "--store", str(tmp / store),
+                          "--stats", str(tmp / stats), "--cls-gmm", str(tmp / "cls.safetensors"),
+                          "--labels", str(tmp / "labels.safetensors"), "--variance", variance,
+                          "--memory-budget-mb", budget_mb, "--batch-rows", "7", "--save-dtype", "float64",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return load_file(str(out))
+
+
+@pytest.fixture(scope="module")
+def spherical(setup):
+    """The stage's spherical output on the setup store (in RAM)."""
+    tmp = setup[0]
+    return run_spatial(tmp, tmp / "spherical" / f"spatial_K{K}.safetensors")
 
 
 @pytest.mark.parametrize("variance", ["spherical", "diag"])
@@ -68,25 +113,76 @@ def brute_force(spatial, labels, stats, variance):
 def test_stage_equals_brute_force(setup, variance, budget_mb):
     tmp, spatial, labels, stats, weights = setup
     out = tmp / f"out_{variance}_{budget_mb}" / f"spatial_K{K}.safetensors"
-    res = subprocess.run([sys.executable, "stages/build_spatial_gmm.py", "--store", str(tmp / "latents.zarr"),
-                          "--stats", str(tmp / "stats.safetensors"), "--cls-gmm", str(tmp / "cls.safetensors"),
-                          "--labels", str(tmp / "labels.safetensors"), "--variance", variance,
-                          "--memory-budget-mb", budget_mb, "--batch-rows", "7", "--save-dtype", "float64",
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    t = run_spatial(tmp, out, variance, budget_mb)
     ref_mu, ref_var, counts = brute_force(spatial, labels, stats, variance)
-    t = load_file(str(out))
-    np.testing.assert_allclose(t["means"], ref_mu, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(t["variances"], ref_var, rtol=1e-10)
+    np.testing.assert_allclose(t["means"], ref_mu, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(t["variances"], ref_var, rtol=1e-9)
     np.testing.assert_allclose(t["weights"], weights, rtol=1e-15)
     rep = json.loads(out.with_suffix(".json").read_text())
     assert rep["counts"] == counts.tolist() and rep["empty_modes"] == 1 and rep["rows"] == 2 * M
     assert rep["memory_mapped"] is (budget_mb == "0")
+    assert rep["empty_mode_variance"] == pytest.approx(float(np.mean(ref_var[EMPTY])), rel=1e-9)
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, out.with_suffix(".json").name])
     g = DiagGMM.load(out)  # the existing loader reads both variance layouts
     assert g.means.shape == (K, int(np.prod(SHAPE))) and g.variances.shape == g.means.shape
     src = GMMSource.load(out, variance=variance)
     assert src.event_shape == SHAPE
+
+
+def test_flipped_copies_are_the_flip_of_the_normalized_unflipped_latent(setup, spherical):
+    """The store's flipped rows are not the flip of the unflipped ones; the GMM must not read them."""
+    _, spatial, labels, stats, _ = setup
+    z = np_normalize(spatial, stats)
+    assert np.abs(z[M:] - z[:M, ..., ::-1]).max() > 0.1  # the store's flipped rows really differ
+    right_mu, right_var, _ = brute_force(spatial, labels, stats, "spherical")
+    wrong_mu, wrong_var, _ = brute_force(spatial, labels, stats, "spherical", reencoded=True)
+    np.testing.assert_allclose(spherical["means"], right_mu, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(spherical["variances"], right_var, rtol=1e-9)
+    assert np.abs(spherical["means"] - wrong_mu).max() > 1e-3
+    assert np.abs(spherical["variances"] - wrong_var).max() > 1e-3
+    # a flipped copy joins its image's mode: mode 1's mean is symmetric under the flip along W
+    np.testing.assert_allclose(spherical["means"][1], spherical["means"][1][..., ::-1], rtol=1e-10, atol=1e-10)
+
+
+def test_variance_is_one_biased_scalar_over_all_dims(setup, spherical):
+    _, spatial, labels, stats, _ = setup
+    x, lab = rows_and_labels(spatial, labels, stats)
+    for k in set(range(K)) - {EMPTY}:
+        xs = x[lab == k]
+        assert spherical["variances"][k] == pytest.approx(np.var(xs, axis=0).mean(), rel=1e-9)
+        assert spherical["variances"][k] == pytest.approx(((xs - xs.mean(0)) ** 2).sum() / xs.size, rel=1e-9)
+        unbiased = np.var(xs, axis=0, ddof=1).mean()
+        assert abs(spherical["variances"][k] - unbiased) > 1e-3 * unbiased
+
+
+def test_empty_mode_gets_global_mean_and_mean_variance_of_nonempty_modes(setup, spherical):
+    _, spatial, labels, stats, _ = setup
+    x, lab = rows_and_labels(spatial, labels, stats)
+    assert (lab == EMPTY).sum() == 0
+    np.testing.assert_allclose(spherical["means"][EMPTY].reshape(-1), x.mean(0), rtol=1e-10, atol=1e-10)
+    full = [np.var(x[lab == k], axis=0).mean() for k in range(K) if k != EMPTY]
+    assert spherical["variances"][EMPTY] == pytest.approx(np.mean(full), rel=1e-9)
+    global_var = np.var(x, axis=0).mean()  # today's rule, which adds the spread between modes
+    assert abs(spherical["variances"][EMPTY] - global_var) > 1e-3
+
+
+def test_store_without_flips_and_variance_only_stats(setup, tmp_path):
+    """Without flips only the images count; with ``std`` stats no mean is subtracted before the moments."""
+    tmp, spatial, labels, stats, _ = setup
+    rng = np.random.default_rng(1)
+    tiny_store(tmp_path / "noflip.zarr", rng.normal(size=(M, 4)), spatial[:M], flips=False)
+    std_stats = LatentStats(stats.mean, stats.var, 1e-5, "std")
+    std_stats.save(tmp_path / "std.safetensors")
+    for name in ("cls.safetensors", "labels.safetensors"):
+        (tmp_path / name).write_bytes((tmp / name).read_bytes())
+    for variance in ("spherical", "diag"):
+        t = run_spatial(tmp_path, tmp_path / f"s_{variance}.safetensors", variance, store="noflip.zarr",
+                        stats="std.safetensors")
+        ref_mu, ref_var, counts = brute_force(spatial, labels, std_stats, variance, flips=False)
+        np.testing.assert_allclose(t["means"], ref_mu, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(t["variances"], ref_var, rtol=1e-9)
+        rep = json.loads((tmp_path / f"s_{variance}.json").read_text())
+        assert rep["rows"] == M and rep["counts"] == counts.tolist() and rep["flipped_copies"] == "none"
 
 
 def test_float32_output_and_library_paths_agree(setup, tmp_path):
@@ -98,11 +194,12 @@ def test_float32_output_and_library_paths_agree(setup, tmp_path):
     table = label_lookup(lab["index"], lab["labels"], K)
 
     def batches():
-        for _, a in store.iter_batches(["index", "spatial"], 16):
+        for _, a in store.iter_batches(["index", "spatial"], 16, 0, M):
             yield a["index"], a["spatial"]
 
-    ram = accumulate(batches(), stats.normalize, table, K, 24, variance="diag", memory_budget_bytes=1 << 30)
-    disk = accumulate(batches(), stats.normalize, table, K, 24, variance="diag", memory_budget_bytes=0,
+    ram = accumulate(batches(), stats.normalize, table, K, 24, flips=True, variance="diag",
+                     memory_budget_bytes=1 << 30)
+    disk = accumulate(batches(), stats.normalize, table, K, 24, flips=True, variance="diag", memory_budget_bytes=0,
                       tmp_dir=tmp_path)
     assert disk.on_disk and not ram.on_disk and list(tmp_path.iterdir())
     np.testing.assert_allclose(np.asarray(disk.sx), ram.sx.numpy(), rtol=1e-14)
@@ -112,7 +209,7 @@ def test_float32_output_and_library_paths_agree(setup, tmp_path):
     ref_mu, ref_var, _ = brute_force(spatial, labels, stats, "diag")
     t = load_file(str(tmp_path / "a.safetensors"))
     assert t["means"].dtype == np.float32 and t["weights"].dtype == np.float64
-    np.testing.assert_allclose(t["means"], ref_mu, rtol=1e-6)
+    np.testing.assert_allclose(t["means"], ref_mu, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(t["variances"], ref_var, rtol=1e-6)
 
 
