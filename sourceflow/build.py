@@ -200,7 +200,7 @@ def build_source(spec: dict[str, Any], data: PointData | LatentData, gmm_path: s
                                              heads=s.get("heads", 4), learn_var=learn_var)
         else:
             net = ConditionMLP(cond_spec(spec, data), out_dim=2 * d if learn_var else d,
-                               width=s.get("width", 128), depth=s.get("depth", 2))
+                               width=s.get("width", 128), depth=s.get("depth", 2), logvar_dims=d if learn_var else 0)
         return LearnedSource(net, data.event_shape, learn_var=learn_var)
     raise ValueError(f"unknown source kind {kind!r}")
 
@@ -240,7 +240,7 @@ def build_method(spec: dict[str, Any], data: PointData | LatentData, seed: int, 
     focal = None
     if reg.get("focal_gamma", 0.0) > 0:
         focal = FocalModeWeights(source.num_modes, reg["focal_gamma"], reg.get("focal_ema", 0.9995),
-                                 tuple(reg.get("focal_clip", (0.3, 3.0))))
+                                 tuple(reg.get("focal_clip", (0.3, 3.0))), reg.get("focal_warmup", 2500))
     return Method(
         source=source,
         coupling=build_coupling(spec, data, seed, gmm_path),

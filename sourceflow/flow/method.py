@@ -22,34 +22,43 @@ COND_FROM = ("none", "data", "mode")
 class FocalModeWeights(nn.Module):
     """MM-FM's focal per-mode loss weight: modes the model fits badly weigh more.
 
-    Keeps an EMA ℓ̄_k of the mean flow-matching loss of every mode (decay ``ema``; a mode's first
-    observation initialises it) and weighs a sample of mode k by w_k = clip((ℓ̄_k / ℓ̄)^γ, lo, hi), ℓ̄
-    the mean of ℓ̄ over the modes seen so far; the weights of a batch are renormalised to mean 1 so the
-    loss keeps its scale. The published configs use γ = 2, EMA 0.9995, clip [0.3, 3]; MM-FM's exact
-    normalisation is not published in DESIGN.md's facts, this is our reading of it. The EMA is
-    training state (a buffer), so it survives a resume; ``reduce`` (set by the training loop) sums
-    the per-mode statistics over processes, so every process keeps the same EMA.
+    As MM-FM's code does it (DESIGN.md): an EMA L_k (decay ``ema``) of the per-sample flow-matching loss of
+    every mode (a mode's first observation initialises it; each batch folds in its per-mode mean); for the
+    first ``warmup`` micro-batches every weight is 1; afterwards w_k = (L_k / L̄)^γ with L̄ the mean of L
+    over the modes seen so far and w_k = 1 for modes never seen, normalised so the weights of ALL K modes
+    average 1, then clipped to ``clip``. A sample of mode k weighs w_k; there is no per-batch
+    renormalisation (the loss scale moves with the batch's modes). Published values: γ = 2, EMA 0.9995,
+    clip [0.3, 3], warm-up 2500 micro-batches. The EMA and the micro-batch count are training state
+    (buffers), so a resume is exact; ``reduce`` (set by the training loop) sums the per-mode statistics
+    over processes, so every process keeps the same EMA.
     """
 
-    def __init__(self, num_modes: int, gamma: float = 2.0, ema: float = 0.9995, clip: tuple[float, float] = (0.3, 3.0)):
+    def __init__(self, num_modes: int, gamma: float = 2.0, ema: float = 0.9995, clip: tuple[float, float] = (0.3, 3.0),
+                 warmup: int = 2500):
         super().__init__()
         self.gamma, self.ema, self.clip = float(gamma), float(ema), (float(clip[0]), float(clip[1]))
+        self.warmup = int(warmup)
         self.register_buffer("loss_ema", torch.zeros(num_modes, dtype=torch.float64))
         self.register_buffer("seen", torch.zeros(num_modes, dtype=torch.bool))
+        self.register_buffer("micro_batches", torch.zeros((), dtype=torch.int64))
         self.reduce = None
 
-    def weights(self, mode: torch.Tensor) -> torch.Tensor:
-        """Per-sample weights (mean 1 over the batch) for samples of modes ``mode``."""
-        if not bool(self.seen.any()):
-            return torch.ones(mode.shape[0], dtype=torch.float32, device=mode.device)
+    def mode_weights(self) -> torch.Tensor:
+        """w_k for all K modes (float64): 1 during the warm-up, else normalised to mean 1, then clipped."""
+        k = self.loss_ema.shape[0]
+        if int(self.micro_batches) < self.warmup or not bool(self.seen.any()):
+            return torch.ones(k, dtype=torch.float64, device=self.loss_ema.device)
         ref = self.loss_ema[self.seen].mean().clamp_min(1e-12)
-        ratio = torch.where(self.seen, self.loss_ema / ref, torch.ones_like(self.loss_ema))
-        w = ratio.pow(self.gamma).clamp(*self.clip)[mode.to(self.loss_ema.device)].float()
-        return (w / w.mean()).to(mode.device)
+        raw = torch.where(self.seen, (self.loss_ema / ref).pow(self.gamma), torch.ones_like(self.loss_ema))
+        return (raw / raw.mean()).clamp(*self.clip)
+
+    def weights(self, mode: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights w_{mode_i} (float32)."""
+        return self.mode_weights()[mode.to(self.loss_ema.device).long()].float().to(mode.device)
 
     @torch.no_grad()
     def update(self, mode: torch.Tensor, per_sample: torch.Tensor) -> None:
-        """Fold the batch's per-mode mean losses into the EMA."""
+        """Fold one micro-batch's per-mode mean losses into the EMA and count the micro-batch."""
         k = self.loss_ema.shape[0]
         m = mode.to(self.loss_ema.device).long()
         sums = torch.zeros(k, dtype=torch.float64, device=m.device).index_add_(0, m, per_sample.detach().double().to(m.device))
@@ -61,6 +70,7 @@ class FocalModeWeights(nn.Module):
         old = self.loss_ema[hit]
         self.loss_ema[hit] = torch.where(self.seen[hit], self.ema * old + (1 - self.ema) * mean, mean)
         self.seen |= hit
+        self.micro_batches += 1
 
 
 @dataclass

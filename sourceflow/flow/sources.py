@@ -168,13 +168,18 @@ class LearnedSource(Source):
         self.event_shape = tuple(event_shape)
         self.learn_var = learn_var
 
+    LOGVAR_CLAMP = (-10.0, 10.0)  # CSFM clamps log σ² to [-10, 10]
+
     def stats(self, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """μφ(c) and log σφ(c)² (clamped as CSFM; zeros when σ is fixed at 1)."""
         if cond is None:
             raise ValueError("a learned (CSFM) source needs a condition")
         out = self.net(cond)
         d = math.prod(self.event_shape)
         mean = out[:, :d].reshape(-1, *self.event_shape)
-        logvar = out[:, d:2 * d].reshape(-1, *self.event_shape) if self.learn_var else torch.zeros_like(mean)
+        if not self.learn_var:
+            return mean, torch.zeros_like(mean)
+        logvar = out[:, d:2 * d].reshape(-1, *self.event_shape).clamp(*self.LOGVAR_CLAMP)
         return mean, logvar
 
     def transform(self, z, u, cond=None, mode=None):
@@ -187,12 +192,15 @@ def var_reg(logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.exp(logvar) - 1.0 - logvar).mean()
 
 
-def alignment_loss(mean: torch.Tensor, x1: torch.Tensor, channel_dim: int = 1, eps: float = 1e-6) -> torch.Tensor:
-    """CSFM alignment: squared L2 between μ and x1 after normalising each token over channels.
-
-    For [B, C, H, W] latents the tokens are the H·W positions; for flat [B, D] points the whole
-    vector is one token.
+def alignment_loss(mean: torch.Tensor, x1: torch.Tensor, channel_dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    """CSFM alignment: ``mse_loss(normalize(μ), normalize(x1))``, a MEAN over all elements, each token
+    normalised over its channels (the paper's intent; CSFM's code normalises along the width axis by
+    accident, a mean either way). For [B, C, H, W] latents the tokens are the H·W positions, so the term
+    is (1/C)·mean over tokens of ‖μ̂ − x̂‖² ∈ [0, 4/C]; for flat [B, D] points the vector is one token.
+    ``eps`` as ``F.normalize``'s.
     """
-    mu = mean / (mean.norm(dim=channel_dim, keepdim=True) + eps)
-    x = x1 / (x1.norm(dim=channel_dim, keepdim=True) + eps)
-    return ((mu - x) ** 2).sum(channel_dim).mean()
+    from torch.nn import functional as F
+
+    mu = F.normalize(mean, dim=channel_dim, eps=eps)
+    x = F.normalize(x1, dim=channel_dim, eps=eps)
+    return F.mse_loss(mu, x)

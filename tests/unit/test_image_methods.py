@@ -72,13 +72,13 @@ def latents(tmp_path_factory):
     base = g.normal(size=(n_cls, *SHAPE)).astype(np.float32)
     x = base[labels] + 0.3 * g.normal(size=(m, *SHAPE)).astype(np.float32)
     x = np.concatenate([x, x[..., ::-1]])  # rows m.. are the flipped copies
-    cls = np.concatenate([x[:m].reshape(m, -1)[:, :12], x[:m].reshape(m, -1)[:, :12]])
+    cls = x.reshape(2 * m, -1)[:, :12].copy()  # every row's own descriptor (a flipped row's differs)
     tokens = g.normal(size=(m, length, width)).astype(np.float32)
     mask = (np.arange(length)[None] < 2 + labels[:, None] % 3).astype(np.uint8)
     rows = np.concatenate([np.arange(m), np.arange(m)])
     stats = LatentStats(torch.from_numpy(x.mean(0)), torch.from_numpy(x.var(0)))
     data = LatentData(StoreRows(x, None, stats.normalize), torch.from_numpy(np.concatenate([labels, labels])), n_cls,
-                      StoreRows(cls[:m], rows), rows, np.repeat([0, 1], m).astype(np.uint8), stats,
+                      StoreRows(cls), rows, np.repeat([0, 1], m).astype(np.uint8), stats,
                       TextRows(StoreRows(tokens, rows), StoreRows(mask, rows)), {"encoder": "pixels"})
     d = tmp_path_factory.mktemp("gmm")
     cls_gmm = DiagGMM(torch.full((K,), 1 / K).double(), torch.from_numpy(cls[:K]).double(), torch.ones(K, 12).double())
@@ -136,30 +136,45 @@ def test_resume_on_latents_equals_uninterrupted(case, latents, tmp_path):
         assert bool(a["method.focal.seen"].any()) and "method.focal.loss_ema" in a
 
 
-def test_mode_coupling_reads_the_cls_of_the_unflipped_image(latents):
+def test_mode_coupling_reads_each_rows_own_cls(latents):
+    """MM-FM samples the mode from the CLS of the image as seen after the flip: a flipped row's own CLS.
+    (load_latent_data on a real store: tests/unit/test_latent_data.py.)"""
     data = latents[0]
     spec = image_config("mmfm", **CASES["mmfm"])
     ds = training_dataset(spec, data)
     b = ds.batch(torch.tensor([3, 3 + 48]), torch.device("cpu"))
-    assert torch.equal(b.cls[0], b.cls[1])  # a flipped row takes its image's descriptor (and so its mode)
+    torch.testing.assert_close(b.cls, data.cls[torch.tensor([3, 3 + 48])])
+    assert not torch.equal(b.cls[0], b.cls[1])  # the flipped row's descriptor is not its image's
     method = build_method(spec, data, 0, latents[1], latents[2])
-    modes = method.coupling.modes(b.cls, None)  # soft posterior, but this GMM's posterior is nearly hard here
-    assert modes[0] == modes[1]
+    np.testing.assert_array_equal(method.coupling.modes(b.cls, None).numpy() >= 0, [True, True])
 
 
-def test_focal_weights_follow_the_formula_and_keep_mean_one():
-    f = FocalModeWeights(3, gamma=2.0, ema=0.5, clip=(0.3, 3.0))
+def test_focal_weights_follow_mm_fm_warmup_normalisation_and_clip():
+    """MM-FM (DESIGN.md): weight 1 for the first 2500 micro-batches; then w_k = (L_k / mean L)^2 over the
+    seen modes, 1 for modes never seen, normalised so all K weights average 1, then clipped to [0.3, 3];
+    no per-batch renormalisation."""
+    f = FocalModeWeights(4, gamma=2.0, ema=0.5, clip=(0.3, 3.0), warmup=2)
     mode = torch.tensor([0, 0, 1, 2, 2, 2])
     assert torch.equal(f.weights(mode), torch.ones(6))  # nothing seen yet
     f.update(mode, torch.tensor([1.0, 3.0, 1.0, 4.0, 4.0, 4.0]))
-    assert f.loss_ema.tolist() == [2.0, 1.0, 4.0]  # first observations initialise the EMA
+    assert f.loss_ema.tolist() == [2.0, 1.0, 4.0, 0.0]  # first observations initialise the EMA
+    assert torch.equal(f.weights(mode), torch.ones(6))  # still in the warm-up (1 of 2 micro-batches)
     f.update(torch.tensor([0]), torch.tensor([4.0]))
-    assert f.loss_ema.tolist() == [3.0, 1.0, 4.0]  # 0.5·2 + 0.5·4
-    raw = np.clip((np.array([3.0, 1.0, 4.0]) / (8.0 / 3)) ** 2, 0.3, 3.0)[mode.numpy()]
-    np.testing.assert_allclose(f.weights(mode).numpy(), raw / raw.mean(), rtol=1e-6)
-    g = FocalModeWeights(3)
-    g.load_state_dict(f.state_dict())
-    assert torch.equal(g.weights(mode), f.weights(mode))
+    assert f.loss_ema.tolist() == [3.0, 1.0, 4.0, 0.0]  # 0.5·2 + 0.5·4
+    # independent computation of the published rule; mode 3 was never seen: raw weight 1
+    ref = np.mean([3.0, 1.0, 4.0])
+    raw = np.array([(3.0 / ref) ** 2, (1.0 / ref) ** 2, (4.0 / ref) ** 2, 1.0])
+    w = np.clip(raw / raw.mean(), 0.3, 3.0)
+    np.testing.assert_allclose(f.mode_weights().numpy(), w, rtol=1e-12)
+    np.testing.assert_allclose(f.weights(mode).numpy(), w[mode.numpy()], rtol=1e-6)
+    assert f.weights(mode).mean() != pytest.approx(1.0)  # no per-batch renormalisation
+    # the clip acts after the normalisation: a dominant mode is capped at 3
+    h = FocalModeWeights(4, warmup=0)
+    h.update(torch.arange(4), torch.tensor([100.0, 1.0, 1.0, 1.0]))
+    assert float(h.mode_weights()[0]) == 3.0 and float(h.mode_weights()[1]) == pytest.approx(0.3)
+    g = FocalModeWeights(4, warmup=2)
+    g.load_state_dict(f.state_dict())  # EMA, seen modes and the micro-batch count are state
+    assert int(g.micro_batches) == 2 and torch.equal(g.weights(mode), f.weights(mode))
 
 
 def test_csfm_source_is_a_function_of_the_caption(latents):

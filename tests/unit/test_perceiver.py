@@ -56,14 +56,23 @@ def test_output_shape_matches_learned_source_contract(learn_var, width, patch):
     assert mean.shape == logvar.shape == (5, *SHAPE)
 
 
-def test_initial_source_is_close_to_standard_normal_for_every_condition():
-    src = LearnedSource(small(), SHAPE, learn_var=True)
+def test_initial_source_starts_like_csfm_for_every_condition():
+    """CSFM's log-variance head: weights N(0, 1e-4²), bias init_logvar = 1, so log σ² ≈ 1 everywhere;
+    the mean head small (not the alignment loss's singular μ = 0)."""
+    net = small()
+    assert float(net.logvar_head.weight.detach().std()) == pytest.approx(1e-4, rel=0.2)
+    assert torch.equal(net.logvar_head.bias, torch.ones_like(net.logvar_head.bias))
+    src = LearnedSource(net, SHAPE, learn_var=True)
     cond = text_batch(4, [6, 2, 0, 5])
     mean, logvar = src.stats(cond)
-    assert torch.equal(logvar, torch.zeros_like(logvar))  # σ = 1
-    assert 0 < mean.abs().max() < 0.5 and mean.std() < 0.2  # small, but not the alignment loss's singular μ = 0
+    torch.testing.assert_close(logvar, torch.ones_like(logvar), atol=1e-2, rtol=0)
+    assert 0 < mean.abs().max() < 0.5 and mean.std() < 0.2
     z = torch.randn(4, *SHAPE)
-    assert torch.equal(src.transform(z, torch.rand(4, 1), cond).x0, mean + z)
+    torch.testing.assert_close(src.transform(z, torch.rand(4, 1), cond).x0, mean + torch.exp(0.5 * logvar) * z)
+    # the released model fixes σ = 1: no log-variance head at all
+    fixed = LearnedSource(small(learn_var=False), SHAPE, learn_var=False)
+    m2, lv2 = fixed.stats(cond)
+    assert torch.equal(lv2, torch.zeros_like(lv2))
 
 
 def test_padding_does_not_change_the_output_but_a_real_token_does():

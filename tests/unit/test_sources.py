@@ -48,11 +48,20 @@ def test_gmm_source_moments_per_mode_and_mode_frequencies():
 
 def test_csfm_gradients_reach_the_source_network_and_varreg_is_zero_at_unit_variance():
     spec = CondSpec("discrete", 3)
-    net = ConditionMLP(spec, out_dim=4, width=16, depth=1)
+    net = ConditionMLP(spec, out_dim=4, width=16, depth=1)  # no log-variance outputs: zero head
     src = LearnedSource(net, (2,), learn_var=True)
-    # zero-initialised head: μ = 0, log σ² = 0 → VarReg exactly 0
+    # zero-initialised head: μ = 0, log σ² = 0 → VarReg exactly 0 (the released CSFM's σ = 1 case)
     d = src.sample(8, torch.Generator().manual_seed(0), cond=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     assert var_reg(d.logvar).item() == 0.0
+    # CSFM's learned-σ head starts at log σ² = init_logvar = 1 (weights N(0, 1e-4²)); VarReg then is
+    # 0.5·(e − 1 − 1) per element, and log σ² is clamped to [-10, 10]
+    csfm = LearnedSource(ConditionMLP(spec, out_dim=4, width=16, depth=1, logvar_dims=2), (2,), learn_var=True)
+    lv = csfm.stats(torch.tensor([0, 1]))[1]
+    torch.testing.assert_close(lv, torch.ones_like(lv), atol=1e-2, rtol=0)
+    assert var_reg(torch.ones(2, 2)).item() == pytest.approx(0.5 * (math.e - 2))
+    with torch.no_grad():
+        csfm.net.head.bias[2:] = 50.0
+    assert csfm.stats(torch.tensor([0]))[1].max().item() == pytest.approx(10.0, abs=1e-3)
     assert var_reg(torch.full((4, 2), math.log(4.0))).item() == pytest.approx(0.5 * (4 - 1 - math.log(4)))
     method = Method(src, Independent(), cond_from="data", var_reg_weight=5.0, align_weight=1.0)
     model = MLPVelocity(dim=2, width=16, depth=1, cond=spec)
@@ -71,10 +80,19 @@ def test_csfm_gradients_reach_the_source_network_and_varreg_is_zero_at_unit_vari
     assert net.head.weight.grad.abs().sum() > 0
 
 
-def test_alignment_loss_is_zero_for_aligned_directions_and_per_token():
+def test_alignment_loss_is_a_mean_over_all_elements_of_per_token_normalised_latents():
+    """CSFM: mse_loss(normalize(μ), normalize(x1)), a MEAN over every element (not a per-token sum over
+    the C channels, which is C = 768 times stronger at ImageNet scale); tokens normalised over channels."""
     x1 = torch.randn(4, 8, 3, 3)
     assert alignment_loss(2.5 * x1, x1).item() == pytest.approx(0.0, abs=1e-10)
-    assert alignment_loss(-x1, x1).item() == pytest.approx(4.0 * 9 / 9, rel=1e-5)  # ‖2u‖² = 4 per token
+    # opposite unit vectors differ by ‖2u‖² = 4 per token, spread over C = 8 channels: 4 / 8
+    assert alignment_loss(-x1, x1).item() == pytest.approx(4.0 / 8, rel=1e-5)
+    mu = torch.randn(4, 8, 3, 3)
+    ref = (mu / mu.norm(dim=1, keepdim=True) - x1 / x1.norm(dim=1, keepdim=True)).pow(2).numpy().mean()
+    assert alignment_loss(mu, x1).item() == pytest.approx(float(ref), rel=1e-5)
+    # the scale at ImageNet's 768 channels: two independent directions give about 2 / C, not 2
+    big = alignment_loss(torch.randn(2, 768, 4, 4), torch.randn(2, 768, 4, 4)).item()
+    assert big == pytest.approx(2 / 768, rel=0.1)
 
 
 def test_toy_eight_gaussians_geometry():
