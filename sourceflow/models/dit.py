@@ -36,22 +36,29 @@ class DiTConfig:
     mlp_ratio: float = 4.0
 
 
-# DiT's sizes (Table 1 of the paper) plus two tiny ones for CPU tests and toy runs.
+# DiT's sizes (Table 1 of the paper), two tiny ones for CPU tests and toy runs, and M, the DiT of the
+# "flow matching in SD-VAE latents" CelebA-HQ 256 system (patch 2, width 512, 8 blocks, 16 heads: 38.75M
+# parameters at 32x32x4 unconditional; ours counts 38,746,640 with DiT's fixed sin-cos positions, adaLN-Zero
+# in every block and an adaLN final layer). B (768 wide, 12 layers, 12 heads) is also the CIFAR-10 pixel DiT
+# of the "minimal DiT with CFG" system: 129,537,036 parameters as DiT-B/2 on 3x32x32 with 10 classes.
 DIT_SIZES: dict[str, DiTConfig] = {
     "XT": DiTConfig(depth=2, width=32, heads=2),
     "T": DiTConfig(depth=4, width=64, heads=4),
     "S": DiTConfig(depth=12, width=384, heads=6),
+    "M": DiTConfig(depth=8, width=512, heads=16),
     "B": DiTConfig(depth=12, width=768, heads=12),
     "L": DiTConfig(depth=24, width=1024, heads=16),
     "XL": DiTConfig(depth=28, width=1152, heads=16),
 }
 
-# Default DDT heads per backbone size. RAE's DiT^DH-XL is the XL backbone with a 2-layer, 2048-wide head
-# (16 heads); the smaller heads here are our choice (2 layers, roughly 2-3× the backbone width).
+# Default DDT heads per backbone size (sizes without one have no DiTDH variant). RAE's DiT^DH-XL is the XL
+# backbone with a 2-layer, 2048-wide head (16 heads); MM-FM's autoguidance guide DiT-DH-S has the same head
+# on the S backbone (hidden [384, 2048], depth [12, 2], heads [6, 16]). B and L are our choice; XT and T
+# are tiny heads for CPU tests.
 DIT_DH_HEADS: dict[str, DiTConfig] = {
     "XT": DiTConfig(depth=1, width=48, heads=2),
     "T": DiTConfig(depth=1, width=128, heads=4),
-    "S": DiTConfig(depth=2, width=1024, heads=16),
+    "S": DiTConfig(depth=2, width=2048, heads=16),
     "B": DiTConfig(depth=2, width=1536, heads=16),
     "L": DiTConfig(depth=2, width=2048, heads=16),
     "XL": DiTConfig(depth=2, width=2048, heads=16),
@@ -60,25 +67,25 @@ DIT_DH_HEADS: dict[str, DiTConfig] = {
 _NAME = re.compile(r"^(?:(?P<family>DiT|DiTDH)-)?(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
 
 
-def _parse(name: str, family: str) -> tuple[str, int]:
+def _parse(name: str, family: str, sizes: dict[str, DiTConfig]) -> tuple[str, int]:
     """``"{family}-S/2"`` or ``"S/2"`` -> ("S", 2); anything else is a ValueError naming the choices."""
     m = _NAME.match(name.strip())
     size = m["size"].upper() if m else ""
-    if m is None or (m["family"] not in (None, family)) or size not in DIT_SIZES or int(m["patch"]) < 1:
+    if m is None or (m["family"] not in (None, family)) or size not in sizes or int(m["patch"]) < 1:
         raise ValueError(f"bad {family} name {name!r}: expected '{family}-<size>/<patch>' or '<size>/<patch>' "
-                         f"with size in {'|'.join(DIT_SIZES)}")
+                         f"with size in {'|'.join(sizes)}")
     return size, int(m["patch"])
 
 
 def parse_dit_name(name: str) -> tuple[DiTConfig, int]:
     """``"DiT-S/2"`` (or ``"S/2"``) -> (DIT_SIZES["S"], 2)."""
-    size, patch = _parse(name, "DiT")
+    size, patch = _parse(name, "DiT", DIT_SIZES)
     return DIT_SIZES[size], patch
 
 
 def parse_dit_dh_name(name: str) -> tuple[DiTConfig, DiTConfig, int]:
     """``"DiTDH-XL/1"`` (or ``"XL/1"``) -> (backbone config, default head config, patch)."""
-    size, patch = _parse(name, "DiTDH")
+    size, patch = _parse(name, "DiTDH", DIT_DH_HEADS)
     return DIT_SIZES[size], DIT_DH_HEADS[size], patch
 
 
@@ -412,8 +419,8 @@ def build_dit(name: str, input_size: int | tuple[int, int], in_channels: int, co
     if name.strip().startswith("DiT-"):
         config, patch = parse_dit_name(name)
         return DiT(input_size, in_channels, patch, config, cond, **kw)
-    raise ValueError(f"unknown model name {name!r}: expected 'DiT-<size>/<patch>' or 'DiTDH-<size>/<patch>' "
-                     f"with size in {'|'.join(DIT_SIZES)}")
+    raise ValueError(f"unknown model name {name!r}: expected 'DiT-<size>/<patch>' with size in "
+                     f"{'|'.join(DIT_SIZES)} or 'DiTDH-<size>/<patch>' with size in {'|'.join(DIT_DH_HEADS)}")
 
 
 def count_parameters(model: nn.Module) -> int:

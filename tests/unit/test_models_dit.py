@@ -82,6 +82,60 @@ def test_dit_dh_xl_default_head_matches_rae():
         model = build_dit("DiTDH-XL/1", 16, 768, CondSpec("discrete", 1000))
     assert isinstance(model, DiTDH) and len(model.head_blocks) == 2
     assert abs(count_parameters(model) / 839e6 - 1) < 0.01  # RAE reports 839M for DiT^DH-XL
+    assert count_parameters(model) == 837_966_592
+    with torch.device("meta"):  # MM-FM's main model: 8192 mode classes (+ the null row)
+        model = build_dit("DiTDH-XL/1", 16, 768, CondSpec("discrete", 8192))
+    assert count_parameters(model) == 846_251_776  # DESIGN.md: 846.25M
+
+
+def test_dit_dh_s_is_mmfm_autoguidance_guide():
+    """MM-FM's guide DiT-DH-S: hidden [384, 2048], depth [12, 2], heads [6, 16]."""
+    config, head, patch = parse_dit_dh_name("DiTDH-S/1")
+    assert (config.width, config.depth, config.heads) == (384, 12, 6)
+    assert (head.width, head.depth, head.heads) == (2048, 2, 16)
+    with torch.device("meta"):
+        model = build_dit("DiTDH-S/1", 16, 768, CondSpec("discrete", 8192))
+    assert model.head_config == head and len(model.head_blocks) == 2
+    assert {b.attn.heads for b in model.head_blocks} == {16}
+    assert count_parameters(model) == 198_993_664
+
+
+def test_celebahq_latent_dit_is_the_seeds_38_75m():
+    """The SD-VAE latent DiT (CelebA-HQ 256): patch 2, width 512, 8 blocks, 16 heads = 38.75M parameters
+    at 32x32x4, unconditional; ours with fixed sin-cos positions and adaLN-Zero: 38,746,640."""
+    config, patch = parse_dit_name("DiT-M/2")
+    assert (config.width, config.depth, config.heads, patch) == (512, 8, 16, 2)
+    with torch.device("meta"):
+        model = build_dit("DiT-M/2", 32, 4, CondSpec())
+    assert abs(count_parameters(model) / 38.75e6 - 1) < 0.01
+    assert count_parameters(model) == 38_746_640
+
+
+def test_cifar10_cfg_dit_is_dit_b():
+    """The minimal CIFAR-10 DiT with CFG (768 wide, 12 layers, 12 heads) is DiT-B; at 3x32x32, patch 2, 10
+    classes it has 129.5M parameters, not the ~50M its description says (12 blocks of 10.6M each)."""
+    config, _ = parse_dit_name("DiT-B/2")
+    assert (config.width, config.depth, config.heads) == (768, 12, 12)
+    with torch.device("meta"):
+        model = build_dit("DiT-B/2", 32, 3, CondSpec("discrete", 10))
+    assert count_parameters(model) == 129_537_036
+    assert count_parameters(model.backbone.blocks[0]) == 10_628_352
+
+
+def test_schema_size_pattern_matches_the_tables():
+    """The config schema's model.size pattern admits exactly the sizes of the two tables."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml").read_text())
+    pattern = re.compile(schema["$defs"]["model"]["properties"]["size"]["pattern"])
+    for size in ("XT", "T", "S", "M", "B", "L", "XL", "Q"):
+        assert bool(pattern.match(f"DiT-{size}/2")) == (size in DIT_SIZES)
+        assert bool(pattern.match(f"DiTDH-{size}/1")) == (size in DIT_DH_HEADS)
+    with pytest.raises(ValueError, match="DiTDH"):
+        build_dit("DiTDH-M/1", 8, 3, CondSpec())  # M has no default head
 
 
 def test_name_parsing():
