@@ -3,9 +3,10 @@ condition on (class labels from the manifest, caption embeddings) and the CLS de
 mode coupling needs.
 
 One row per store row: with flips, the flipped copy of an image is a datapoint of its own (LOOM-CFM
-keeps a seed cache per row), carrying its image's label and caption. Its CLS descriptor is the one of
-the *unflipped* image, so the mode posterior of a flipped row is its image's (MM-FM's spatial GMM puts
-a flipped latent in its image's mode too).
+keeps a seed cache per row), carrying its image's label and caption. Its CLS descriptor is its *own*
+(the store's CLS of the flipped image): MM-FM samples each batch's modes from the soft CLS posterior of
+the image as seen after the random flip. (The spatial GMM, built offline, puts a flipped copy in its
+unflipped image's hard mode instead; see ``sourceflow.gmm.spatial``.)
 
 Arrays that fit ``max_memory_mb`` are read into memory once; larger ones (ImageNet's 1.28M × 768×16×16
 latents) stay in the Zarr store and every batch reads its rows (:class:`StoreRows`), so the same code
@@ -93,7 +94,7 @@ class LatentData:
     x: StoreRows
     label: torch.Tensor  # [N] int64 class of each row's image (-1: unlabelled)
     num_classes: int
-    cls: StoreRows  # [N, D] CLS descriptor of each row's unflipped image
+    cls: StoreRows  # [N, D] CLS descriptor of each row (a flipped row's is the flipped image's own)
     image_index: np.ndarray  # [N] manifest index of each row
     flip: np.ndarray  # [N] 1 = flipped copy
     stats: LatentStats
@@ -164,14 +165,11 @@ def load_latent_data(store_path: str | Path, stats_path: str | Path, manifest_pa
         raise ValueError(f"{store_path}: {len(missing)} store rows name images absent from {manifest_path} "
                          f"(first index {int(missing[0])})")
     labels = np.array(frame["label"].reindex(index).fillna(-1), dtype=np.int64) if "label" in frame else np.full(len(index), -1)
-    # the CLS of each row's unflipped image: the first row holding that image index with flip == 0
-    unflipped = np.flatnonzero(flip == 0)
-    pos = {int(i): int(r) for r, i in zip(unflipped, index[unflipped], strict=True)}
-    cls_map = np.array([pos[int(i)] for i in index], dtype=np.int64)
     x_arr = store.array("spatial")
     x = StoreRows(x_arr, None, stats.normalize, in_memory=_fits(x_arr, max_memory_mb))
+    # every row's own CLS: a flipped row's posterior is the one of the flipped image (MM-FM)
     cls_arr = store.array("cls")
-    cls = StoreRows(cls_arr, cls_map, None, in_memory=_fits(cls_arr, max_memory_mb))
+    cls = StoreRows(cls_arr, None, None, in_memory=_fits(cls_arr, max_memory_mb))
     text = None
     if captions_path is not None:
         text = _caption_rows(captions_path, index, mh, max_memory_mb)

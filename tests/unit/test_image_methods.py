@@ -145,8 +145,6 @@ def test_mode_coupling_reads_each_rows_own_cls(latents):
     b = ds.batch(torch.tensor([3, 3 + 48]), torch.device("cpu"))
     torch.testing.assert_close(b.cls, data.cls[torch.tensor([3, 3 + 48])])
     assert not torch.equal(b.cls[0], b.cls[1])  # the flipped row's descriptor is not its image's
-    method = build_method(spec, data, 0, latents[1], latents[2])
-    np.testing.assert_array_equal(method.coupling.modes(b.cls, None).numpy() >= 0, [True, True])
 
 
 def test_focal_weights_follow_mm_fm_warmup_normalisation_and_clip():
