@@ -87,17 +87,25 @@ def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (x.movedim(-1, -3).to(torch.float32) / 127.5 - 1.0).contiguous()
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float [B, 3, H, W] (or [3, H, W]) in [-1, 1] -> uint8 [B, H, W, 3]: round((x + 1) * 127.5), clamped.
+def to_uint8(images: torch.Tensor, mode: str = "truncate") -> np.ndarray:
+    """float [B, 3, H, W] (or [3, H, W]) in [-1, 1] -> uint8 [B, H, W, 3], clamped to [0, 255].
 
-    Rounds to nearest (ADM's sampler truncates instead); exact inverse of :func:`to_model_range`.
+    ``mode`` "truncate" (default, for samples): ``((x + 1) * 127.5).clamp(0, 255).to(uint8)``, what ADM's
+    and MM-FM's samplers do before their FIDs, so our FIDs are comparable with theirs; it is NOT an inverse
+    of :func:`to_model_range` (k / 127.5 − 1 maps back to k − 1 for some k in float32). "round": to the
+    nearest integer, the exact inverse of :func:`to_model_range`.
     """
     import torch
 
+    if mode not in ("truncate", "round"):
+        raise ValueError(f"to_uint8 mode must be 'truncate' or 'round', got {mode!r}")
     x = torch.as_tensor(images).detach()
     if x.ndim not in (3, 4) or x.shape[-3] != 3:
         raise ValueError(f"to_uint8 expects [B, 3, H, W] images, got shape {tuple(x.shape)}")
-    x = ((x.to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    x = (x.to(torch.float32) + 1.0) * 127.5
+    if mode == "round":
+        x = x.round()
+    x = x.clamp(0, 255).to(torch.uint8)  # after the clamp the cast truncates toward 0 (= floor)
     return x.movedim(-3, -1).cpu().numpy()
 
 

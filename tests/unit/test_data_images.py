@@ -93,8 +93,8 @@ def test_model_range_round_trip():
     assert x.shape == (2, 3, 5, 7) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
     torch.testing.assert_close(x[1, 2, 3, 4], torch.tensor(u8[1, 3, 4, 2] / 127.5 - 1, dtype=torch.float32))
-    np.testing.assert_array_equal(to_uint8(x), u8)
-    np.testing.assert_array_equal(to_uint8(x + 0.003), u8)  # rounds to nearest, not truncation
+    np.testing.assert_array_equal(to_uint8(x, mode="round"), u8)
+    np.testing.assert_array_equal(to_uint8(x + 0.003, mode="round"), u8)  # rounds to nearest, not truncation
     np.testing.assert_array_equal(to_uint8(torch.full((1, 3, 1, 1), 5.0)), np.full((1, 1, 1, 3), 255, np.uint8))
     np.testing.assert_array_equal(to_uint8(torch.full((1, 3, 1, 1), -5.0)), np.zeros((1, 1, 1, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
