@@ -14,7 +14,11 @@ Toy points (--data), with
 Images (--reference NPZ with --feature-net or --inception), per entry of at least evaluate.min_samples
 samples:
   - fd: the Fréchet distance of the samples' features to the reference statistics (FID with Inception;
-    the feature network's penultimate features for digits),
+    the feature network's penultimate features for digits). evaluate.features picks the features:
+    inception = clean-fid "clean" mode (PIL bicubic resize to 299 outside the network); adm = clean-fid
+    "legacy_tensorflow" mode (the uint8 images as float in [0, 255], resized inside the network as ADM's
+    TensorFlow evaluator does: the only mode comparable with published FIDs against ADM reference batches);
+    each record names them under "features" (name, preprocessing),
   - precision, recall, density, coverage on k-NN manifolds (k = evaluate.prdc_k) against the
     reference's feature rows (when the reference npz holds them),
   - class coverage from the feature network's predicted classes against the data's label histogram:
@@ -57,14 +61,19 @@ def image_mode(a) -> None:
     ev = spec["evaluate"]
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ref = read_reference_npz(a.reference)
-    kind = "inception" if ev["features"] in ("inception", "adm") else "feature-net"
-    path = a.inception if kind == "inception" else a.feature_net
+    kind = ev["features"]  # inception (clean-fid "clean"), adm (clean-fid legacy_tensorflow) or feature-net
+    flag = "feature-net" if kind == "feature-net" else "inception"
+    path = a.feature_net if kind == "feature-net" else a.inception
     if path is None:
-        raise ValueError(f"evaluate.features {ev['features']!r} needs --{'inception' if kind == 'inception' else 'feature-net'}")
+        raise ValueError(f"evaluate.features {kind!r} needs --{flag}")
     extractor = load_feature_extractor(kind, path, device)
     if extractor.dim != ref["mu"].shape[0]:
         raise ValueError(f"{a.reference}: {ref['mu'].shape[0]}-d statistics, but the {kind} features are "
                          f"{extractor.dim}-d (reference and features disagree)")
+    if "preprocessing" in ref and str(ref["preprocessing"]) != extractor.preprocessing:
+        raise ValueError(f"{a.reference}: statistics of {str(ref['preprocessing'])!r} features, but evaluate.features "
+                         f"{kind!r} preprocesses {extractor.preprocessing!r} (FDs would not be comparable)")
+    print(f"FD features: {kind} (preprocessing {extractor.preprocessing}) against {a.reference}")
     classifier = None
     if ev["classifier"]:
         if a.feature_net is None:
@@ -98,6 +107,7 @@ def image_mode(a) -> None:
                 mt.update({"class_kl": cov["kl"], "class_tv": cov["tv"], "classes_missing": cov["classes_missing"]})
         records[tag] = {"dataset": spec["data"], "experiment": spec["name"], "method": spec["method"],
                         "solver": info["solver"], "steps": info["steps"], "nfe": info["nfe"], "seed": a.seed,
+                        "features": {"name": extractor.name, "preprocessing": extractor.preprocessing},
                         "metrics": mt}
         write_json(Path(a.out) / f"{tag}.json", records[tag])
         fd = f"FD {mt['fd']:.3f}" if "fd" in mt else f"no FD ({info['num_samples']} samples)"
@@ -112,7 +122,8 @@ def main() -> None:
     p.add_argument("--reference", default=None, help="images: reference statistics npz (reference_stats; ADM keys)")
     p.add_argument("--feature-net", default=None,
                    help="images: feature network (train_feature_net) for FD features and/or class coverage")
-    p.add_argument("--inception", default=None, help="images: clean-fid's inception-2015-12-05.pt for FID features")
+    p.add_argument("--inception", default=None,
+                   help="images: clean-fid's inception-2015-12-05.pt for FID features (evaluate.features inception or adm)")
     p.add_argument("--device", default=None, help="torch device for the features (unset: cuda if available, else cpu)")
     p.add_argument("--samples", required=True, help="samples directory written by the sample stage")
     p.add_argument("--train-summary", required=True, help="train_summary.json of the run")

@@ -7,17 +7,23 @@ held-out test points, two independent draws of the data distribution: the floor 
 evaluate stage reports at the same N (finite-sample W2 is not 0 even for a perfect model). Writes JSON.
 
 --manifest (images): features of every image of one split (ADM centre crop to --resolution), from the
-feature network (--features feature-net --feature-net WEIGHTS) or clean-fid's Inception (--features
-inception --inception FILE, "clean" bicubic resize to 299, 2048-d pool features). Writes an npz with
+feature network (--features feature-net --feature-net WEIGHTS) or clean-fid's Inception (--inception FILE,
+2048-d pool features) in clean-fid's "clean" mode (--features inception: PIL bicubic resize to 299 outside
+the network) or its "legacy_tensorflow" mode (--features adm: no resize outside, the network resizes as
+ADM's TensorFlow evaluator does; the same extractor the evaluate stage uses for evaluate.features adm).
+Writes an npz with
 the ADM keys mu (float64 [F]) and sigma (float64 [F, F], unbiased N−1 covariance), plus features
 (float32 [n, F], for precision/recall; all N images, or a seeded random subset of --max-features) with
 features_index (int64 [n], their manifest index), with --holdout-split the FD of that split's images to
 these statistics (holdout_fd, holdout_count: the data floor), label_hist (float64 [classes], fraction of images per true
 label, when the manifest has labels) and, for the feature network, pred_label_hist (the same for its
-predicted labels, the classifier's own view of real data).
+predicted labels, the classifier's own view of real data) and preprocessing (a string: clean,
+legacy_tensorflow or model_range; evaluate refuses features preprocessed differently).
 
 --adm-npz (an existing ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz): check that it holds
-mu and sigma of matching shapes and finite values, and write them (float64) in our format.
+mu and sigma of matching shapes and finite values, and write them (float64) in our format, with
+preprocessing "legacy_tensorflow" (ADM's evaluator resized inside its TensorFlow graph; only evaluate.features
+adm reproduces that; nothing here resizes or recomputes these statistics).
 
 Example:
   python stages/reference_stats.py --data results/moons/toy.safetensors --num-points 5000 \\
@@ -54,11 +60,15 @@ def toy_mode(a) -> None:
 
 
 def adm_mode(a) -> None:
+    import numpy as np
+
+    from sourceflow.metrics.features import ADMInceptionFeatures
     from sourceflow.metrics.frechet import read_reference_npz, save_reference_npz
 
     arrays = read_reference_npz(a.adm_npz)
     extra = {k: v for k, v in arrays.items() if k in ("mu_s", "sigma_s")}
-    save_reference_npz(a.out, arrays["mu"], arrays["sigma"], **extra)
+    save_reference_npz(a.out, arrays["mu"], arrays["sigma"], **extra,
+                       preprocessing=np.array(ADMInceptionFeatures.preprocessing))  # the features they match
     print(f"wrote {a.out}: ADM reference {a.adm_npz}, {arrays['mu'].shape[0]}-d")
 
 
@@ -75,10 +85,11 @@ def image_mode(a) -> None:
     from sourceflow.metrics.prdc import label_histogram
 
     if a.features is None:
-        raise ValueError("--manifest needs --features (feature-net or inception)")
+        raise ValueError("--manifest needs --features (feature-net, inception or adm)")
+    flag = "feature-net" if a.features == "feature-net" else "inception"
     weights = a.feature_net if a.features == "feature-net" else a.inception
     if not weights:
-        raise ValueError(f"--features {a.features} needs --{a.features}")
+        raise ValueError(f"--features {a.features} needs --{flag}")
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {a.batch_size}")
     t0 = time.perf_counter()
@@ -118,6 +129,7 @@ def image_mode(a) -> None:
     if preds is not None:
         extra["pred_label_hist"] = label_histogram(preds, extractor.num_classes)
     extra["features_index"] = m.frame["index"].to_numpy()[keep]
+    extra["preprocessing"] = np.array(extractor.preprocessing)
     if a.holdout_split:
         held = read_manifest(a.manifest).split(a.holdout_split)
         hstats = FeatureStats(extractor.dim, device="cpu")
@@ -128,7 +140,7 @@ def image_mode(a) -> None:
         print(f"data floor: FD of the {hstats.n} {a.holdout_split} images to these statistics "
               f"{float(extra['holdout_fd']):.4f}")
     save_reference_npz(a.out, stats.mu, stats.sigma, features=feats, label_hist=label_hist, **extra)
-    msg = f"wrote {a.out}: {a.features} features of {n} {a.split} images at {res}px, {extractor.dim}-d"
+    msg = f"wrote {a.out}: {a.features} features ({extractor.preprocessing}) of {n} {a.split} images at {res}px, {extractor.dim}-d"
     if preds is not None and label_hist is not None:
         msg += f", feature-net accuracy on them {float(np.mean(preds[labels >= 0] == labels[labels >= 0])):.4f}"
     print(msg + f", {time.perf_counter() - t0:.1f} s")
@@ -143,7 +155,9 @@ def main() -> None:
     p.add_argument("--num-points", type=int, default=5000, help="toy mode: points from each split (use evaluate.num_points)")
     p.add_argument("--split", default="train", choices=["train", "test"], help="image mode: split whose images are the reference")
     p.add_argument("--resolution", type=int, default=None, help="image mode: image side R (unset: the manifest's resolution)")
-    p.add_argument("--features", default=None, choices=["feature-net", "inception"], help="image mode: feature extractor")
+    p.add_argument("--features", default=None, choices=["feature-net", "inception", "adm"],
+                   help="image mode: feature extractor (inception: clean-fid \"clean\" mode; adm: clean-fid "
+                        "legacy_tensorflow mode, comparable with ADM reference batches)")
     p.add_argument("--feature-net", default=None, help="image mode: feature network .safetensors (train_feature_net)")
     p.add_argument("--inception", default=None,
                    help="image mode: clean-fid's inception-2015-12-05.pt (a file, or the folder holding it)")

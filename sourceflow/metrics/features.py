@@ -1,12 +1,21 @@
-"""Feature extractors for image metrics: clean-fid's Inception (FID at ImageNet scale) and our small
-feature network (digits-size images), behind one interface that takes uint8 images [B, H, W, 3].
+"""Feature extractors for image metrics: clean-fid's Inception (FID at ImageNet scale) in two preprocessing
+modes and our small feature network (digits-size images), behind one interface that takes uint8 images
+[B, H, W, 3]. Each extractor says how it preprocesses (``preprocessing``), so metrics can record it.
 
-Inception follows clean-fid's "clean" mode exactly: each uint8 image is resized to 299×299 per channel
-in float with PIL bicubic (``cleanfid.resize.build_resizer("clean")`` = ``make_resizer("PIL", False,
-"bicubic", (299, 299))``, no quantisation after the resize), values stay in [0, 255], and the
-TorchScript network (``inception-2015-12-05.pt``, the TF-FID Inception ported by NVIDIA) is run
-through ``cleanfid.inception_torchscript.InceptionV3W``'s forward ((x − 128) / 128, ``layers``, 2048-d
-pool3 features). The weights file is never downloaded here: it is read from a configured path.
+Both Inception modes run the TorchScript network ``inception-2015-12-05.pt`` (the TF-FID Inception ported
+by NVIDIA) through ``cleanfid.inception_torchscript.InceptionV3W``'s own forward (2048-d pool3 features);
+the weights file is never downloaded here: it is read from a configured path.
+
+- ``inception`` = clean-fid's "clean" mode: each uint8 image is resized to 299×299 per channel in float
+  with PIL bicubic (``cleanfid.resize.build_resizer("clean")`` = ``make_resizer("PIL", False, "bicubic",
+  (299, 299))``, no quantisation after the resize), values stay in [0, 255], then InceptionV3W with
+  ``resize_inside=False`` ((x − 128) / 128, ``layers``). Comparable with clean-fid's "clean" statistics.
+- ``adm`` = clean-fid's "legacy_tensorflow" mode, which reproduces ADM's TensorFlow evaluator (resize to
+  299 inside the graph): no resize outside (``build_resizer("legacy_tensorflow")`` is the identity), the
+  uint8 images become float32 NCHW in [0, 255] and go to InceptionV3W with ``resize_inside=True``, i.e.
+  ``base(x, return_features=True)`` resizes (bilinear, TF-style) and normalises inside the TorchScript
+  graph. Only these features are comparable with ADM reference batches (VIRTUAL_imagenet256_labeled.npz)
+  and the FIDs published against them.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ class FeatureBatch:
 
 class FeatureExtractor(Protocol):
     name: str
+    preprocessing: str            # how uint8 images become network input (recorded with the metrics)
     dim: int
     num_classes: int              # 0 when the extractor does not classify
 
@@ -47,6 +57,17 @@ def _check_uint8_nhwc(images: np.ndarray) -> np.ndarray:
 
 
 # --- Inception (clean-fid) ------------------------------------------------------------------------------
+
+
+def legacy_tensorflow_input(images_uint8: np.ndarray) -> torch.Tensor:
+    """clean-fid's "legacy_tensorflow" input: uint8 [B, H, W, 3] → float32 [B, 3, H, W] in [0, 255], not
+    resized (the network resizes inside, as ADM's TensorFlow graph does) and not rescaled.
+
+    clean-fid's resizer for this mode is the identity and its loader makes ``ToTensor()(img) * 255``, which
+    equals ``float(img)`` exactly for every uint8 value; ADM's evaluator feeds ``batch.astype(float32)``.
+    """
+    images = _check_uint8_nhwc(images_uint8)
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32).contiguous()
 
 
 def clean_resize(images_uint8: np.ndarray, workers: int = 1) -> torch.Tensor:
@@ -74,9 +95,10 @@ def _inception_class():
 
     class InceptionFile(InceptionV3W):
         """clean-fid's wrapper around a TorchScript file given by its full path (any file name), loaded
-        onto ``device`` without any download; ``forward`` is clean-fid's own."""
+        onto ``device`` without any download; ``forward`` is clean-fid's own (``resize_inside``: the
+        legacy_tensorflow path ``base(x, return_features=True)``; otherwise the "clean" path on ``layers``)."""
 
-        def __init__(self, path: Path, device: torch.device):
+        def __init__(self, path: Path, device: torch.device, resize_inside: bool = False):
             import warnings
 
             torch.nn.Module.__init__(self)
@@ -84,7 +106,7 @@ def _inception_class():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.base = torch.jit.load(str(path), map_location=device).eval()
             self.layers = self.base.layers
-            self.resize_inside = False
+            self.resize_inside = resize_inside
 
     return InceptionFile
 
@@ -101,9 +123,12 @@ def resolve_inception_path(path: str | Path) -> Path:
 
 
 class InceptionFeatures:
-    """2048-d pool features of clean-fid's Inception for uint8 images of any size."""
+    """2048-d pool features of clean-fid's Inception, clean-fid "clean" mode (PIL bicubic resize to 299 in
+    float outside the network), for uint8 images of any size. Not comparable with ADM reference batches."""
 
     name = "inception"
+    preprocessing = "clean"
+    resize_inside = False
     dim = INCEPTION_DIM
     num_classes = 0
 
@@ -112,15 +137,29 @@ class InceptionFeatures:
         self.device = torch.device(device)
         self.workers = workers
         try:
-            self.model = _inception_class()(self.path, self.device)
+            self.model = _inception_class()(self.path, self.device, self.resize_inside)
         except RuntimeError as e:  # torch.jit.load on a file that is not TorchScript
             raise ValueError(f"{self.path}: not a TorchScript Inception file ({str(e).splitlines()[0]})") from None
 
+    def _input(self, images_uint8: np.ndarray) -> torch.Tensor:
+        return clean_resize(images_uint8, self.workers)
+
     @torch.no_grad()
     def __call__(self, images_uint8: np.ndarray) -> FeatureBatch:
-        x = clean_resize(images_uint8, self.workers).to(self.device)
-        feats = self.model(x)
+        feats = self.model(self._input(images_uint8).to(self.device))
         return FeatureBatch(feats.float().cpu().numpy(), None)
+
+
+class ADMInceptionFeatures(InceptionFeatures):
+    """2048-d pool features comparable with ADM's evaluator: clean-fid "legacy_tensorflow" mode (the images
+    as float in [0, 255], resized to 299 inside the TorchScript graph). Use with ADM reference batches."""
+
+    name = "adm"
+    preprocessing = "legacy_tensorflow"
+    resize_inside = True
+
+    def _input(self, images_uint8: np.ndarray) -> torch.Tensor:
+        return legacy_tensorflow_input(images_uint8)
 
 
 # --- the feature network ---------------------------------------------------------------------------------
@@ -130,6 +169,7 @@ class FeatureNetFeatures:
     """Penultimate activations and predicted classes of a trained :class:`FeatureNet`."""
 
     name = "feature-net"
+    preprocessing = "model_range"  # x / 127.5 − 1 at the images' own resolution
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
         from sourceflow.models.feature_net import load_feature_net
@@ -153,13 +193,17 @@ class FeatureNetFeatures:
 
 def load_feature_extractor(kind: str, path: str | Path, device: str | torch.device = "cpu",
                            workers: int = 1) -> FeatureExtractor:
-    """``kind`` "inception" (clean-fid TorchScript file) or "feature-net" (train_feature_net's safetensors);
-    ``workers`` threads resize images for Inception."""
+    """``kind`` "inception" (clean-fid TorchScript file, "clean" mode), "adm" (the same file, clean-fid's
+    "legacy_tensorflow" mode, comparable with ADM reference batches) or "feature-net" (train_feature_net's
+    safetensors); ``workers`` threads resize images for "inception". Samples and real images use this one
+    function, so both sides of an FD are preprocessed alike."""
     if kind == "inception":
         return InceptionFeatures(path, device, workers)
+    if kind == "adm":
+        return ADMInceptionFeatures(path, device, workers)
     if kind == "feature-net":
         return FeatureNetFeatures(path, device)
-    raise ValueError(f"unknown feature extractor {kind!r} (choose inception or feature-net)")
+    raise ValueError(f"unknown feature extractor {kind!r} (choose inception, adm or feature-net)")
 
 
 def extract_features(extractor: FeatureExtractor, images_uint8: np.ndarray, batch_size: int = 256,
