@@ -38,8 +38,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "csfm": {"source": {"kind": "learned", "learn_var": True, "width": 128, "depth": 2},
              "coupling": {"kind": "independent"}, "regularizers": {"var_reg": 5.0, "align": 1.0}},
 }
-ALLOWED_SOURCES = {"fm": ("gaussian", "toy"), "otcfm": ("gaussian", "toy"), "loom": ("gaussian", "toy"),
-                   "c2ot": ("gaussian", "toy"), "mmfm": ("gmm",), "csfm": ("learned",)}
+# Couplings that re-order x0 across the batch: with a condition-dependent (learned) source the re-ordered
+# x0_i would no longer be a draw from p0(· | c_i) of its own condition, so they need a fixed source.
+REORDERING_COUPLINGS = ("ot", "loom", "c2ot")
 
 
 class ConfigError(ValueError):
@@ -192,41 +193,64 @@ def _resolve_image_inputs(spec: dict[str, Any], data: str, where: str) -> None:
                               f"{spec['encoder']!r} in datasets.{data}.gmm (fitted: {fitted})")
 
 
+def combination(spec: dict[str, Any]) -> dict[str, str]:
+    """What an experiment combines, for grouping like with like: source, coupling and conditioning kinds
+    (the method name is only the label of a named combination)."""
+    return {"source": spec["source"]["kind"], "coupling": spec["coupling"]["kind"], "conditioning": spec["conditioning"]}
+
+
 def _semantic_checks(spec: dict[str, Any], where: str) -> None:
-    method, cond, src = spec["method"], spec["conditioning"], spec["source"]["kind"]
+    """Any source, coupling and conditioning combine, except the ill-defined combinations refused here
+    with their reason (the method only names the defaults)."""
+    cond, src = spec["conditioning"], spec["source"]["kind"]
+    cpl = spec["coupling"]
     image = is_image_spec(spec)
     conditions = IMAGE_CONDITIONS if image else DATA_CONDITIONS
     if cond not in (*conditions, "none", "mode"):
         raise ConfigError(f"config: {where}.conditioning: {cond!r} is not available for "
                           f"{'image' if image else 'toy'} data (choose from none, mode, {', '.join(conditions)})")
-    if src not in ALLOWED_SOURCES[method]:
-        raise ConfigError(f"config: {where}.source.kind: method {method} needs a source of kind "
-                          f"{' or '.join(ALLOWED_SOURCES[method])}, got {src!r}")
     if image and src == "toy":
         raise ConfigError(f"config: {where}.source.kind: a toy source cannot start a flow on image latents")
-    if method == "c2ot" and (cond not in conditions or cond == "text"):
-        raise ConfigError(f"config: {where}.conditioning: c2ot needs a data condition "
+    if src == "learned" and cpl["kind"] in REORDERING_COUPLINGS:
+        raise ConfigError(f"config: {where}.coupling.kind: {cpl['kind']!r} re-orders x0 across the batch, so it cannot "
+                          "pair a condition-dependent (learned) source: x0_i would come from another sample's condition")
+    if cpl["kind"] == "c2ot" and (cond not in conditions or cond == "text"):
+        raise ConfigError(f"config: {where}.conditioning: the c2ot coupling needs a data condition "
                           f"{tuple(c for c in conditions if c != 'text')}, got {cond!r}")
-    if method == "csfm" and cond not in conditions:
-        raise ConfigError(f"config: {where}.conditioning: csfm's source is a function of the condition; "
+    if src == "learned" and cond not in conditions:
+        raise ConfigError(f"config: {where}.conditioning: a learned source is a function of the condition; "
                           f"choose one of {conditions}, got {cond!r}")
+    if cpl["kind"] == "mode" and src != "gmm":
+        raise ConfigError(f"config: {where}.coupling.kind: the mode coupling draws x0 from a mode of a GMM source, "
+                          f"got source {src!r}")
+    if cond == "mode" and src != "gmm":
+        raise ConfigError(f"config: {where}.conditioning: 'mode' conditions on the GMM mode x0 was drawn from; "
+                          f"it needs source kind gmm, got {src!r}")
+    k = spec["train"].get("pair_batch")
+    if k is not None:
+        b = spec["train"]["batch_size"]
+        if k % b:
+            raise ConfigError(f"config: {where}.overrides.train.pair_batch: {k} is not a multiple of batch_size {b}")
+        for key in ("steps", "checkpoint_every"):
+            if spec["train"][key] % (k // b):
+                raise ConfigError(f"config: {where}.overrides.train.{key}: must be a multiple of pair_batch / "
+                                  f"batch_size = {k // b} (a resume restarts at a pairing boundary)")
+    lr_sched = spec["train"].get("lr_schedule")
+    if isinstance(lr_sched, dict) and abs(lr_sched["points"][0][1] - spec["train"]["lr"]) > 1e-12:
+        raise ConfigError(f"config: {where}.overrides.train.lr: {spec['train']['lr']} differs from the first value "
+                          f"of train.lr_schedule ({lr_sched['points'][0][1]})")
     if image and spec["model"]["kind"] == "mlp":
         raise ConfigError(f"config: {where}.overrides.model.kind: image latents need an image model (dit, unet), "
                           "e.g. in datasets.<name>.defaults.model")
     if not image and spec["model"]["kind"] != "mlp":
         raise ConfigError(f"config: {where}.overrides.model.kind: toy points use the mlp model")
-    if cond == "mode" and method != "mmfm":
-        raise ConfigError(f"config: {where}.conditioning: 'mode' exists only for mmfm (GMM source)")
-    if method == "mmfm" and cond not in ("none", "mode"):
-        raise ConfigError(f"config: {where}.conditioning: mmfm is unconditional or mode-conditional, got {cond!r}")
-    cpl = spec["coupling"]
-    if method == "c2ot" and cond in ("angle", "xcoord") and cpl.get("weight") == "inf" and cpl.get("target_ratio") is None:
+    if cpl["kind"] == "c2ot" and cond in ("angle", "xcoord") and cpl.get("weight") == "inf" and cpl.get("target_ratio") is None:
         raise ConfigError(f"config: {where}.coupling: c2ot on a continuous condition needs a finite weight "
                           "or a target_ratio")
     if spec["train"]["p_uncond"] > 0 and cond not in ("label",):
         raise ConfigError(f"config: {where}.overrides.train.p_uncond: CFG dropout needs a class condition (label)")
     ds = spec["dataset"]
-    if method == "loom" and not image and spec["train"]["batch_size"] > ds["n_train"]:
+    if cpl["kind"] == "loom" and not image and spec["train"]["batch_size"] > ds["n_train"]:
         raise ConfigError(f"config: {where}.overrides.train.batch_size: larger than the dataset ({ds['n_train']})")
     if spec["train"]["batch_size"] % spec["train"]["grad_accum"]:
         raise ConfigError(f"config: {where}.overrides.train.grad_accum: must divide batch_size "

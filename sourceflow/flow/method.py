@@ -107,8 +107,6 @@ class Method(nn.Module):
             raise ValueError("the focal per-mode weight needs a mixture source (mmfm)")
         if self.coupling.requires_fixed_source and isinstance(source, LearnedSource):
             raise ValueError(f"{type(self.coupling).__name__} re-orders x0, so it cannot use a condition-dependent source")
-        if isinstance(self.coupling, ModeCoupling) and cond_from == "data":
-            raise ValueError("the MM-FM mode coupling conditions on modes (cond_from 'mode' or 'none')")
         if cond_from == "mode" and source.num_modes == 0:
             raise ValueError("mode conditioning needs a mixture source")
         if p_uncond > 0 and null_id is None:

@@ -90,9 +90,11 @@ def test_overrides_change_only_their_experiment():
     (lambda c: c["experiments"][0].setdefault("overrides", {}).update({"train": {"lr": -1}}),
      r"overrides\.train\.lr: -1 is less than or equal to the minimum"),
     (lambda c: c["experiments"][0].update({"data": "nope"}), r"experiments\[0\] \(fm\)\.data: unknown dataset 'nope'"),
-    (lambda c: c["experiments"][3].update({"conditioning": "none"}), r"c2ot needs a data condition"),
+    (lambda c: c["experiments"][3].update({"conditioning": "none"}), r"c2ot coupling needs a data condition"),
     (lambda c: c["experiments"].append(dict(c["experiments"][0])), r"duplicate experiment name 'fm'"),
-    (lambda c: c["experiments"][4].update({"conditioning": "label"}), r"mmfm is unconditional or mode-conditional"),
+    (lambda c: c["experiments"][5].update({"coupling": {"kind": "loom"}}), r"re-orders x0 .* \(learned\) source"),
+    (lambda c: c["experiments"][0].update({"conditioning": "mode"}), r"'mode' .* needs source kind gmm"),
+    (lambda c: c["experiments"][0].update({"coupling": {"kind": "mode"}}), r"mode coupling .* GMM source"),
 ])
 def test_config_errors_name_the_key(mutate, message):
     cfg = default_config()

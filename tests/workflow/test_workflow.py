@@ -119,7 +119,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
     (lambda t: t.replace("seeds: [0]", "sedes: [0]"), "sedes"),
     (lambda t: t.replace("train: {steps: 40,", "train: {stpes: 40,"), "stpes"),
     (lambda t: t.replace("conditioning: label}\n  - {name: mmfm", "conditioning: none}\n  - {name: mmfm"),
-     "c2ot needs a data condition"),
+     "c2ot coupling needs a data condition"),
     (lambda t: t.replace("n_test: 300", "n_test: -3"), "n_test"),
 ])
 def test_config_errors_stop_before_any_job(tmp_path, edit, message):
