@@ -1,0 +1,53 @@
+"""Every config in config/ plans its whole workflow: `snakemake -n --configfile config/X.yaml` in a
+scratch copy of the repository (no data, weights or results: full-scale configs are planned, not run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .helpers import ROOT, planned_jobs, scratch_repo, snakemake
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = sorted(p.name for p in (ROOT / "config").glob("*.yaml"))
+
+# What a config's dry run must also show (`-p` prints every shell command).
+EXPECT: dict[str, list[str]] = {
+    # LOOM: FID against the test split's statistics
+    "cifar10-loom.yaml": ["stages/reference_stats.py --manifest results/cifar10/manifest.parquet --split test"],
+    # the seed's FID against the dataset's own statistics (all images are training images)
+    "celebahq256-dit.yaml": ["--encoder sd-vae", "--test-fraction 0",
+                             "stages/reference_stats.py --manifest results/celebahq256/manifest.parquet --split train"],
+}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """One scratch copy for all dry runs (they write nothing but Snakemake's own metadata)."""
+    return scratch_repo(tmp_path_factory.mktemp("configs"), (ROOT / "config" / "config.yaml").read_text())
+
+
+def test_configs_are_found():
+    assert {"config.yaml", "cifar10-loom.yaml", "cifar10-dit-cfg.yaml", "celebahq256-dit.yaml"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_dry_run_plans_every_experiment(repo, name):
+    cfg = yaml.safe_load((ROOT / "config" / name).read_text())
+    res = snakemake(repo, "-n", "-p", "--configfile", f"config/{name}")
+    out = res.stdout + res.stderr
+    jobs = planned_jobs(out)
+    assert jobs, f"{name}: nothing planned"
+    experiments = cfg.get("experiments", [])
+    trained = {e["name"] for e in experiments if "model_from" not in e}
+    assert {w["exp"] for rule, w in jobs if rule == "train"} == trained
+    assert {w["exp"] for rule, w in jobs if rule == "evaluate"} == {e["name"] for e in experiments}
+    for ds_name, ds in cfg["datasets"].items():
+        features = set((ds.get("reference") or {}).get("features", []))
+        planned = {w["features"] for rule, w in jobs if rule == "reference_features" and w["dataset"] == ds_name}
+        assert planned == features, f"{name}: datasets.{ds_name}.reference.features"
+    for text in EXPECT.get(name, []):
+        assert text in out, f"{name}: {text!r} not in the dry run"
