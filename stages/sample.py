@@ -67,7 +67,7 @@ def _identity(s: dict, ids: dict, seed: int, tag: str, solver: str, steps: int |
     every sampling setting (batch_size too: it decides how the draws are split and dopri5's steps)."""
     return {**ids, "tag": tag, "solver": solver, "steps": steps, "num_samples": n, "seed": seed,
             "settings": {k: s[k] for k in ("shift", "rtol", "atol", "guidance_scale", "traj_points", "batch_size",
-                                           "shard_rows", "t_end") if k in s},
+                                           "shard_rows", "t_end", "uint8") if k in s},
             "autoguidance": s.get("autoguidance")}
 
 
@@ -190,7 +190,7 @@ def image_mode(a, spec) -> dict | None:
                            guide=guide, guide_scale=guide_scale, t_end=s["t_end"])
             with torch.no_grad():
                 x = data.stats.denormalize(torch.from_numpy(out.x).to(device))
-                images = np.concatenate([to_uint8(decoder.decode(x[i:i + s["batch_size"]]))
+                images = np.concatenate([to_uint8(decoder.decode(x[i:i + s["batch_size"]]), mode=s["uint8"])
                                          for i in range(0, len(x), s["batch_size"])])
             label = data.label[torch.from_numpy(np.maximum(rows, 0))].numpy()
             return {"images": images, "cond_row": rows, "label": np.where(rows >= 0, label, -1),
