@@ -219,7 +219,7 @@ def test_image_experiment_config_errors():
 
     with pytest.raises(ConfigError, match=r"source.components: no spatial GMM with K=7"):
         image_config("mmfm", source={"kind": "gmm", "components": 7}, conditioning="mode")
-    with pytest.raises(ConfigError, match="c2ot needs a data condition"):
+    with pytest.raises(ConfigError, match="c2ot coupling needs a data condition"):
         image_config("c2ot", conditioning="text")
     with pytest.raises(ConfigError, match="'angle' is not available for image data"):
         image_config("fm", conditioning="angle")
