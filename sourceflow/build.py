@@ -21,6 +21,7 @@ from torch import nn
 from sourceflow.flow.couplings import (
     C2OTCoupling,
     Coupling,
+    FixedPairs,
     Independent,
     LoomCoupling,
     MinibatchOT,
@@ -219,6 +220,8 @@ def build_coupling(spec: dict[str, Any], data: PointData | LatentData, seed: int
     if kind == "c2ot":
         w = c.get("weight", "inf")
         return C2OTCoupling(weight=float(w), target_ratio=c.get("target_ratio"))
+    if kind == "reflow":
+        return FixedPairs()  # the train stage sets the pairs (load_reflow_pairs); sampling never pairs
     if kind == "mode":
         if gmm_path is None:
             raise ValueError("the MM-FM mode coupling needs --gmm (the fitted CLS GMM file)")
@@ -261,6 +264,43 @@ def training_dataset(spec: dict[str, Any], data: PointData | LatentData) -> Any:
 
     cls = getattr(data, "cls", None) if spec["coupling"]["kind"] == "mode" else None
     return ArrayDataset(data.x, data.condition(spec["conditioning"]), cls)
+
+
+def save_reflow_pairs(path: str | Path, x0: torch.Tensor, x1: torch.Tensor, cond: torch.Tensor | None,
+                      mode: torch.Tensor | None, metadata: dict[str, str]) -> None:
+    """Write reflow pairs (x0 [N, ...], x1 [N, ...], the condition each was generated with, the GMM mode)."""
+    tensors = {"x0": x0.float().contiguous(), "x1": x1.float().contiguous()}
+    if cond is not None:
+        tensors["cond"] = cond.contiguous()
+    if mode is not None:
+        tensors["mode"] = mode.long().contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_reflow_pairs(path: str | Path, spec: dict[str, Any], method: Method) -> Any:
+    """The training dataset of a reflow run: the pairs' x1 (with their conditions), and ``method``'s coupling
+    set to hand out the pairs' x0 (and modes)."""
+    from sourceflow.io import read_safetensors
+    from sourceflow.train.loop import ArrayDataset
+
+    if not isinstance(method.coupling, FixedPairs):
+        raise ValueError(f"{path}: reflow pairs need the reflow coupling, the spec has {spec['coupling']['kind']!r}")
+    keys = ["x0", "x1"] + {"data": ["cond"], "mode": ["mode"]}.get(method.cond_from, [])
+    t, _ = read_safetensors(path, keys, "reflow pairs", "the reflow_pairs stage writes them")
+    method.coupling.set_pairs(t["x0"], t.get("mode"))
+    return ArrayDataset(t["x1"], t.get("cond"))
+
+
+def init_from_trained(path: str | Path, model: nn.Module, method: Method) -> None:
+    """Start from another run's final weights (reflow): its EMA model and its source (a learned source's
+    network); the coupling state of the base (LOOM's seeds) does not carry over."""
+    try:
+        t = load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"base model not found: {path} (train the base experiment first)") from None
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    method.source.load_state_dict({k[14:]: v for k, v in t.items() if k.startswith("method.source.")})
 
 
 def load_decoder(data: LatentData, device: str | torch.device = "cpu") -> Any:

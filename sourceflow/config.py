@@ -88,6 +88,11 @@ def resolve_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ds = datasets[exp["data"]]
         image = ds["kind"] in IMAGE_KINDS
         spec = deep_merge(METHOD_DEFAULTS[method], {k: v for k, v in exp.items() if k != "overrides"})
+        if "reflow" in exp:
+            if "coupling" in exp and exp["coupling"].get("kind", "reflow") != "reflow":
+                raise ConfigError(f"config: {where}.coupling: a reflow experiment trains on its base's (x0, x1) "
+                                  "pairs (coupling kind reflow); drop the coupling")
+            spec["coupling"] = {"kind": "reflow"}
         # settings: the config's defaults, then the dataset's own defaults, then the experiment's overrides
         settings = deep_merge(dict(config["defaults"]), ds.get("defaults", {}))
         spec = deep_merge(deep_merge(settings, spec), exp.get("overrides", {}))
@@ -108,6 +113,7 @@ def resolve_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         specs[name] = spec
     for i, (name, spec) in enumerate(specs.items()):
         _check_model_from(specs, name, spec, f"experiments[{i}] ({name}).model_from")
+        _check_reflow(specs, name, spec, f"experiments[{i}] ({name}).reflow.experiment")
         guide = spec["sample"].get("autoguidance")
         if guide is None:
             continue
@@ -148,6 +154,30 @@ def _check_model_from(specs: dict[str, dict[str, Any]], name: str, spec: dict[st
                               "(only sample and evaluate settings may differ)")
     if not set(spec["seeds"]) <= set(other["seeds"]):
         raise ConfigError(f"config: {where}: {src!r} lacks seeds {sorted(set(spec['seeds']) - set(other['seeds']))}")
+
+
+REFLOW_SAME_KEYS = ("data", "dataset", "source", "conditioning", "model", "encoder", "text_encoder")
+
+
+def _check_reflow(specs: dict[str, dict[str, Any]], name: str, spec: dict[str, Any], where: str) -> None:
+    """A reflow experiment starts from its base's weights and trains on pairs its base samples, so it must
+    keep the base's data, source, conditioning and model."""
+    rf = spec.get("reflow")
+    if rf is None:
+        return
+    base = specs.get(rf["experiment"])
+    if base is None or rf["experiment"] == name:
+        raise ConfigError(f"config: {where}: {rf['experiment']!r} is not another experiment")
+    if base.get("model_from") or base.get("reflow") or spec.get("model_from"):
+        raise ConfigError(f"config: {where}: reflow from a trained experiment of its own (not model_from, not "
+                          "another reflow)")
+    for key in REFLOW_SAME_KEYS:
+        if spec.get(key) != base.get(key):
+            raise ConfigError(f"config: {where}: {name!r} differs from its base {rf['experiment']!r} in {key!r} "
+                              "(it starts from the base's weights and source)")
+    if not set(spec["seeds"]) <= set(base["seeds"]):
+        raise ConfigError(f"config: {where}: {rf['experiment']!r} lacks seeds "
+                          f"{sorted(set(spec['seeds']) - set(base['seeds']))} (seed s reflows the base's seed s)")
 
 
 def is_image_spec(spec: dict[str, Any]) -> bool:

@@ -46,6 +46,9 @@ def main() -> None:
                    help="continue from OUT/checkpoints/last when it belongs to this spec and seed (--no-resume: start over)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps without final outputs (simulates a kill; for tests)")
+    p.add_argument("--pairs", default=None, help="reflow: the (x0, x1) pairs of reflow_pairs (the training data)")
+    p.add_argument("--init-from", default=None,
+                   help="reflow: the base run's model.safetensors to start from (EMA weights and source)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.add_data_args(p, "train")
     cli.add_common(p)
@@ -64,10 +67,17 @@ def main() -> None:
     torch.manual_seed(a.seed)  # the initial weights depend on the seed
     model = build.build_model(spec, data)
     method = build.build_method(spec, data, a.seed, a.gmm, a.source_gmm)
-    ds = build.training_dataset(spec, data)
+    if (spec.get("reflow") is None) != (a.pairs is None) or (a.pairs is None) != (a.init_from is None):
+        raise ValueError("a reflow experiment needs --pairs and --init-from (and only a reflow experiment takes them)")
+    if a.pairs is not None:
+        build.init_from_trained(a.init_from, model, method)  # before train(): the EMA starts from these weights
+        ds = build.load_reflow_pairs(a.pairs, spec, method)
+    else:
+        ds = build.training_dataset(spec, data)
     # an epoch is a pass over the images (flipped copies are extra rows, not extra images)
-    settings = TrainSettings.from_spec(spec["train"], getattr(data, "num_images", None))
-    inputs = input_fingerprint([a.data, a.latents, a.stats, a.manifest, a.captions, a.gmm, a.source_gmm])
+    settings = TrainSettings.from_spec(spec["train"], None if a.pairs else getattr(data, "num_images", None))
+    inputs = input_fingerprint([a.data, a.latents, a.stats, a.manifest, a.captions, a.gmm, a.source_gmm, a.pairs,
+                                a.init_from])
     summary = train(model, method, ds, settings, a.seed, a.out, f"{spec_hash(spec)}-{inputs}-seed{a.seed}",
                     resume=a.resume, progress=not a.no_progress, stop_after=a.stop_after)
     if "stopped_at" in summary:

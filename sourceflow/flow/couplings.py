@@ -11,6 +11,7 @@ x1. The OT couplings re-order x0, never x1, so data, conditions and dataset indi
   ‖x0 − x1‖ as LOOM's code solves it (its "ot" baseline too); OT-CFM and C2OT use the squared one.
 * :class:`C2OTCoupling` — cost ‖x0−x1‖² + w·d(c_i, c_j), w = ∞ for classes (C2OT, Cheng & Schwing 2025).
 * :class:`ModeCoupling` — x0 drawn from the mode of x1 under the CLS GMM (MM-FM).
+* :class:`FixedPairs` — the (x0, x1) pairs a trained model generated (reflow: LOOM-CFM, CSFM).
 """
 
 from __future__ import annotations
@@ -313,6 +314,26 @@ class ModeCoupling(Coupling):
         k = self.modes(batch.cls if batch.cls is not None else batch.x1, generator)
         draw = source.sample(len(batch), generator, mode=k, device=batch.x1.device)
         return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
+
+
+class FixedPairs(Coupling):
+    """Reflow: x0 of datapoint i is the source draw ``x0[i]`` a trained model carried to x1[i] (and its
+    GMM mode, for mode conditioning). The pairs are an input file, not training state; the source is not
+    sampled (a learned source keeps its base weights)."""
+
+    def __init__(self, x0: torch.Tensor | None = None, mode: torch.Tensor | None = None):
+        self.x0, self.mode = x0, mode
+
+    def set_pairs(self, x0: torch.Tensor, mode: torch.Tensor | None = None) -> None:
+        self.x0, self.mode = x0, mode
+
+    def pair(self, batch, source, generator):
+        if self.x0 is None:
+            raise ValueError("reflow coupling without pairs (the train stage needs --pairs)")
+        idx = batch.idx.cpu().long()
+        x0 = self.x0[idx].to(batch.x1.device)
+        mode = None if self.mode is None else self.mode[idx].to(batch.x1.device)
+        return Pair(x0, batch.x1, SourceDraw(x0, mode), batch.cond, mode)
 
 
 def mean_coupling_cost(coupling: Coupling, batches: list[Batch], source: Source,

@@ -40,7 +40,7 @@ def test_full_run_writes_the_report(tiny):
         assert (rep / name).stat().st_size > 0, name
     df = pd.read_csv(rep / "metrics.csv")
     assert list(df.columns) == ["dataset", "experiment", "method", "solver", "steps", "nfe", "metric", "value", "seed"]
-    assert set(df.experiment) == {"fm", "otcfm", "loom", "c2ot", "mmfm", "csfm"}
+    assert set(df.experiment) == {"fm", "otcfm", "loom", "c2ot", "mmfm", "csfm", "fm-reflow", "gmm-loom"}
     w2 = df[df.metric == "w2sq"]
     assert set(zip(w2.solver, w2.steps.fillna(0).astype(int), strict=True)) == {("euler", 1), ("euler", 2), ("dopri5", 0)}
     assert (w2.value > 0).all()

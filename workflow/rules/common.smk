@@ -113,6 +113,39 @@ def run_data_args(wc, input):
     return args
 
 
+def reflow_base(wc):
+    """The base experiment of a reflow experiment (None for others)."""
+    rf = SPECS[wc.exp].get("reflow")
+    return None if rf is None else rf["experiment"]
+
+
+def reflow_pairs_file(dataset_name, exp, seed):
+    return f"{run_dir(dataset_name, exp, seed)}/reflow_pairs.safetensors"
+
+
+def reflow_train_inputs(wc):
+    """A reflow run trains on its pairs, starting from its base run's weights (same seed)."""
+    base = reflow_base(wc)
+    if base is None:
+        return {}
+    return {"pairs": reflow_pairs_file(wc.dataset, wc.exp, wc.seed),
+            "init_from": f"{run_dir(wc.dataset, base, wc.seed)}/model.safetensors"}
+
+
+def reflow_train_args(wc, input):
+    keys = input.keys()
+    return f"--pairs {input.pairs} --init-from {input.init_from}" if "pairs" in keys else ""
+
+
+def reflow_pairs_inputs(wc):
+    base = reflow_base(wc)
+    if base is None:
+        raise WorkflowError(f"experiment {wc.exp!r} has no reflow section")
+    return {**run_data_inputs(wc), "spec": spec_file("train")(wc),
+            "base_spec": f"{R}/{SPECS[base]['data']}/runs/{base}/spec_train.json",
+            "model": f"{run_dir(wc.dataset, base, wc.seed)}/model.safetensors"}
+
+
 def sample_inputs(wc):
     """A run's data, its model and (autoguidance) the guide run's model and training spec."""
     inputs = {**run_data_inputs(wc), "spec": spec_file("sample")(wc),

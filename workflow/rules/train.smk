@@ -4,12 +4,14 @@
 rule train:
     input:
         unpack(run_data_inputs),
+        unpack(reflow_train_inputs),
         spec=spec_file("train"),
     output:
         model=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/model.safetensors",
         summary=f"{R}/{{dataset}}/runs/{{exp}}/seed{{seed}}/train_summary.json",
     params:
         data=run_data_args,
+        reflow=reflow_train_args,
         launch=train_launcher,
         out=lambda wc: run_dir(wc.dataset, wc.exp, wc.seed),
         threads=lambda wc: SPECS[wc.exp]["train"]["threads"],
@@ -26,5 +28,5 @@ rule train:
         mem_mb=4000,
         runtime=120,
     shell:
-        "{params.launch} stages/train.py --spec {input.spec} {params.data} "
+        "{params.launch} stages/train.py --spec {input.spec} {params.data} {params.reflow} "
         "--out {params.out} --seed {wildcards.seed} --threads {params.threads} > {log} 2>&1"
