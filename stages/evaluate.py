@@ -1,7 +1,8 @@
 """evaluate: metrics of every sampled solver × steps of one run.
 
 For each sweep entry listed in SAMPLES/index.json, writes OUT/{tag}.json; OUT/all.json holds every
-entry's record.
+entry's record. Each record names its run: dataset, experiment, method, the combination (source,
+coupling and conditioning kinds) and reflow_from (a reflow experiment's base; empty otherwise).
 
 Toy points (--data), with
   - W2² and W2 between the samples and the held-out test points (exact EMD with POT emd2 on the
@@ -43,6 +44,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sourceflow import cli  # noqa: E402
+
+
+def record_identity(spec: dict) -> dict:
+    """What every metrics record says about its run: dataset, experiment, method label, the combination
+    (source, coupling and conditioning kinds) and ``reflow_from`` (the base of a reflow experiment, else "")."""
+    from sourceflow.config import combination
+
+    keys = ("source", "coupling", "conditioning")
+    combo = combination(spec) if all(k in spec for k in keys) else dict.fromkeys(keys, "")  # partial specs (tests)
+    return {"dataset": spec["data"], "experiment": spec["name"], "method": spec["method"], **combo,
+            "reflow_from": (spec.get("reflow") or {}).get("experiment", "")}
+
 
 
 def image_mode(a) -> None:
@@ -105,7 +118,7 @@ def image_mode(a) -> None:
                 pred = feats.labels if classifier is extractor else extract_features(classifier, images, ev["batch_size"]).labels
                 cov = class_coverage(ref["label_hist"], label_histogram(pred, len(ref["label_hist"])))
                 mt.update({"class_kl": cov["kl"], "class_tv": cov["tv"], "classes_missing": cov["classes_missing"]})
-        records[tag] = {"dataset": spec["data"], "experiment": spec["name"], "method": spec["method"],
+        records[tag] = {**record_identity(spec),
                         "solver": info["solver"], "steps": info["steps"], "nfe": info["nfe"], "seed": a.seed,
                         "features": {"name": extractor.name, "preprocessing": extractor.preprocessing},
                         "metrics": mt}
@@ -165,7 +178,7 @@ def main() -> None:
         if not np.isfinite(s["x"]).all():
             raise ValueError(f"{a.samples}/{tag}: samples contain NaN or inf")
         n = min(m, len(s["x"]), len(ref_x))
-        records[tag] = {"dataset": spec["data"], "experiment": spec["name"], "method": spec["method"],
+        records[tag] = {**record_identity(spec),
                         "solver": info["solver"], "steps": info["steps"], "nfe": info["nfe"], "seed": a.seed,
                         "metrics": {"path_energy": normalized_path_energy(s["energy"], s["displacement"]),
                                     "nfe": info["nfe"], "coupling_cost": summary["coupling_cost"]}}
