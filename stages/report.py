@@ -1,8 +1,12 @@
 """report: collect every run's metrics into results/report/.
 
-Writes metrics.csv (long form: dataset, experiment, method, solver, steps, nfe, metric, value,
-seed), summary.md (toy data: W2² over the sweep and per condition; images: FD, precision, recall and
-class coverage over the sweep; straightness and coupling cost), w2_vs_nfe.png (toy datasets),
+Writes metrics.csv (long form: dataset, experiment, method, source, coupling, conditioning,
+reflow_from, solver, steps, nfe, metric, value, seed; runs evaluated before the combination was recorded
+have those four empty), summary.md (first each experiment against its like-for-like baseline: same
+dataset and conditioning, plain source, independent coupling; reflow experiments against their base;
+combined source + coupling experiments against both parents; then the experiments' combinations; toy
+data: W2² over the sweep and per condition; images: FD, precision, recall and class coverage over the
+sweep; straightness and coupling cost), w2_vs_nfe.png (toy datasets),
 fd_vs_nfe.png (image datasets), training_curves.png (loss and coupling cost against step for every run)
 and one samples_{dataset}.png per dataset: each experiment's first seed at the configured Euler step
 counts next to the data (scatter plots for toy data, image tiles for images).
