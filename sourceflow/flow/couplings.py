@@ -84,17 +84,51 @@ def cost_matrix(x0: torch.Tensor, x1: torch.Tensor, kind: str = "sqeuclidean") -
     return c if kind == "sqeuclidean" else c.sqrt()
 
 
-def assign(cost: torch.Tensor) -> torch.Tensor:
-    """Optimal assignment (scipy's Jonker–Volgenant): perm with x0[perm[j]] paired to x1[j]."""
+# Both solvers are exact, so where the optimum is unique (almost surely, for continuous data) they
+# return the same permutation. POT's network simplex is 2-4x faster than scipy's shortest augmenting
+# path on costs between low-dimensional points (8 Gaussians -> moons, 1024 x 1024: 0.13 s vs 0.49 s;
+# 2048: 0.9 s vs 5.7 s) and 2-5x slower on high-dimensional or condition-weighted costs.
+SIMPLEX_MAX_DIM = 3
+SIMPLEX_MIN_N = 256
+
+
+def _simplex_perm(c: np.ndarray) -> np.ndarray | None:
+    """perm from POT's exact network simplex on uniform marginals, or None when its plan is not a
+    permutation (iteration limit, round-off): the caller then falls back to scipy."""
+    import ot  # imported on first use
+
+    n = c.shape[0]
+    marg = np.full(n, 1.0 / n)
+    plan, log = ot.emd(marg, marg, np.ascontiguousarray(c, dtype=np.float64), numItermax=10**8, log=True)
+    perm = plan.argmax(0)
+    if log.get("warning") is None and (plan[perm, np.arange(n)] > 0.5 / n).all() and np.unique(perm).size == n:
+        return perm.astype(np.int64)
+    return None
+
+
+def assign(cost: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Optimal assignment: perm with x0[perm[j]] paired to x1[j]. ``dim``: the dimension of the points
+    the cost is a distance between (None: another cost); up to SIMPLEX_MAX_DIM with at least
+    SIMPLEX_MIN_N points it is solved by POT's network simplex, otherwise by scipy's Jonker–Volgenant."""
     from scipy.optimize import linear_sum_assignment  # imported on first use: 1 s of start-up otherwise
 
-    rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
+    c = cost.detach().cpu().numpy()
+    if dim is not None and dim <= SIMPLEX_MAX_DIM and c.shape[0] == c.shape[1] >= SIMPLEX_MIN_N:
+        perm = _simplex_perm(c)
+        if perm is not None:
+            return torch.from_numpy(perm).to(cost.device)
+    rows, cols = linear_sum_assignment(c)
     perm = np.empty(len(cols), dtype=np.int64)
     perm[cols] = rows
     return torch.from_numpy(perm).to(cost.device)
 
 
-def assign_within_groups(cost: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def point_dim(x: torch.Tensor) -> int:
+    """Features per point (the ``dim`` of :func:`assign`)."""
+    return int(x[0].numel()) if x.shape[0] else 0
+
+
+def assign_within_groups(cost: torch.Tensor, groups: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Optimal assignment that never pairs across groups (row i and column i share group i).
 
     Equivalent to adding w = ∞ to every cross-group entry, but solved as independent smaller problems.
@@ -103,7 +137,7 @@ def assign_within_groups(cost: torch.Tensor, groups: torch.Tensor) -> torch.Tens
     g = groups.cpu()
     for value in torch.unique(g):
         members = torch.nonzero(g == value).flatten()
-        sub = assign(cost[members][:, members].cpu())
+        sub = assign(cost[members][:, members].cpu(), dim)
         perm[members] = members[sub]
     return perm.to(cost.device)
 
@@ -145,7 +179,7 @@ class MinibatchOT(Coupling):
 
     def pair(self, batch, source, generator):
         draw = source.sample(len(batch), generator, device=batch.x1.device)
-        perm = assign(cost_matrix(draw.x0, batch.x1, self.cost))
+        perm = assign(cost_matrix(draw.x0, batch.x1, self.cost), point_dim(batch.x1))
         draw = draw.select(perm)
         return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
 
@@ -190,7 +224,7 @@ class LoomCoupling(Coupling):
         slots = self.pick_slots(len(idx), generator)
         seeds = self.seeds[idx, slots]
         draw = source.from_seeds(seeds, device=batch.x1.device)
-        perm = assign(cost_matrix(draw.x0, batch.x1, self.cost)).cpu()
+        perm = assign(cost_matrix(draw.x0, batch.x1, self.cost), point_dim(batch.x1)).cpu()
         if update:
             self.seeds[idx, slots] = seeds[perm]
         draw = draw.select(perm)
@@ -238,7 +272,7 @@ class C2OTCoupling(Coupling):
         m = sq_cost_matrix(draw.x0, batch.x1)
         c = batch.cond
         if not torch.is_floating_point(c):
-            perm = assign_within_groups(m, c)
+            perm = assign_within_groups(m, c, point_dim(batch.x1))
         else:
             cf = c.reshape(c.shape[0], -1)
             ccost = sq_cost_matrix(cf, cf)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,16 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     if chunked and settings.pair_batch % world:
         raise ValueError(f"pair_batch {settings.pair_batch} is not divisible by {world} process(es)")
     chunk_pair, chunk_id = None, None
+    # One process: the next chunk is paired in a background thread while this one trains (the solvers
+    # release the GIL). The pairing is a pure function of (seed, chunk) and of the coupling state, which
+    # only the pairing changes, in chunk order, so the weights are bitwise those of pairing in line. A
+    # chunk that starts at a checkpoint is paired in line: the checkpoint holds the state after its chunk.
+    prefetch = ThreadPoolExecutor(1, thread_name_prefix="pair-chunk") if chunked and world == 1 else None
+    pending: dict[int, Future] = {}
+
+    def pair_chunk(c: int, indices: torch.Tensor) -> Any:
+        with torch.no_grad():
+            return method.pair(data.batch(indices, device), step_generator(seed, c, "pair-chunk"))
 
     def save(step: int) -> None:
         acc.wait_for_everyone()
@@ -296,14 +307,20 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
         if chunked and chunk_id != step // plan.k:
             # one assignment for the whole chunk (identical on every process), consumed by k steps
             chunk_id = step // plan.k
-            share = plan.chunk_indices(chunk_id).chunk(world)[rank]
-            cb = data.batch(share, device)
-            if world > 1:
+            if chunk_id in pending:
+                chunk_pair = pending.pop(chunk_id).result()
+            elif world == 1:
+                chunk_pair = pair_chunk(chunk_id, plan.chunk_indices(chunk_id))
+            else:
+                share = plan.chunk_indices(chunk_id).chunk(world)[rank]
+                cb = data.batch(share, device)
                 allidx = acc.gather(cb.idx)
                 shards_disjoint = bool(torch.unique(allidx).numel() == allidx.numel() == plan.chunk)
-                cb = _gather_batch(acc, cb)
-            with torch.no_grad():
-                chunk_pair = method.pair(cb, step_generator(seed, chunk_id, "pair-chunk"))
+                with torch.no_grad():
+                    chunk_pair = method.pair(_gather_batch(acc, cb), step_generator(seed, chunk_id, "pair-chunk"))
+            nxt = (chunk_id + 1) * plan.k
+            if prefetch is not None and nxt < settings.steps and nxt % settings.checkpoint_every:
+                pending[chunk_id + 1] = prefetch.submit(pair_chunk, chunk_id + 1, plan.chunk_indices(chunk_id + 1))
         opt.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
         loss_sum = 0.0
@@ -364,8 +381,12 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
             save(done)
         if stop_after is not None and done - start >= stop_after:
             bar.close()
+            if prefetch is not None:
+                prefetch.shutdown(wait=True)
             return {"stopped_at": done}
     bar.close()
+    if prefetch is not None:
+        prefetch.shutdown(wait=True)
     seconds = time.time() - t0
 
     # Consistency across processes: every rank must hold the same weights.
