@@ -24,7 +24,8 @@ class SampleSet:
     x0: np.ndarray  # [N, ...] source draws
     energy: np.ndarray  # [N] ∫‖v‖²dt along each trajectory
     displacement: np.ndarray  # [N] ‖x1 − x0‖²
-    nfe: int  # per sample (max over batches; equal for fixed-step solvers)
+    nfe: float  # per sample: the mean over batches (adaptive solvers step each batch on its own, the C2OT harness
+    # averages them); an int when every batch took the same number (fixed-step solvers)
     seconds: float
     mode: np.ndarray | None = None
 
@@ -49,7 +50,7 @@ def generate(model: nn.Module, method: Method, n: int, cond: torch.Tensor | None
     if guide is not None:
         guide.eval()
     device = next(model.parameters()).device
-    xs, x0s, energies, disps, modes, nfe = [], [], [], [], [], 0
+    xs, x0s, energies, disps, modes, nfes = [], [], [], [], [], []
     t0 = time.time()
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
@@ -77,9 +78,9 @@ def generate(model: nn.Module, method: Method, n: int, cond: torch.Tensor | None
         disps.append(dsp.cpu())
         if draw.mode is not None:
             modes.append(draw.mode.cpu())
-        nfe = max(nfe, res.nfe)
+        nfes.append(res.nfe)
     return SampleSet(torch.cat(xs).numpy(), torch.cat(x0s).numpy(), torch.cat(energies).numpy(),
-                     torch.cat(disps).numpy(), nfe,
+                     torch.cat(disps).numpy(), nfes[0] if len(set(nfes)) == 1 else float(np.mean(nfes)),
                      time.time() - t0, torch.cat(modes).numpy() if modes else None)
 
 
