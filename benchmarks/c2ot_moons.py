@@ -1,0 +1,178 @@
+"""Benchmark: the C2OT toy harness as a config (config/c2ot-moons.yaml), end to end, with its table.
+
+Runs `snakemake --configfile config/c2ot-moons.yaml --cores N` (into the config's own results folder,
+results/c2ot-moons, or --results), first every experiment's seed 0 (--seed-first, the default: at least
+one seed per method early), then the rest. It samples the 1-minute load every 30 s, records wall times in
+RESULTS/bench_run.json, then appends to benchmarks/RESULTS.md: command, machine and load, date, total wall
+time, per-run training seconds (train_summary.json: the loop; the train job's benchmark tsv: the whole
+process) and the table of W2^2 at Euler 1 and dopri5 (mean +- std over seeds, population std as the
+harness's np.std; dopri5 with its mean NFE). Runs that have not finished are listed as missing.
+
+  python benchmarks/c2ot_moons.py --cores 2                  # run (hours on 2 CPU cores), then write
+  python benchmarks/c2ot_moons.py --collect-only [--no-write] # table of what has finished so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from default_run import machine  # noqa: E402
+
+CONFIG = ROOT / "config" / "c2ot-moons.yaml"
+CONDITION = {"none": "unc", "label": "cls", "xcoord": "x", "mode": "mode"}
+# hkchengrex/C2OT publishes no W2 numbers for moons.py in its README (checked 2026-12-02); its times per
+# seed on one CPU thread, from issue 12: flow matching 4 min, OT 19-29 min (5,000 exact assignments of 1024).
+HARNESS_MINUTES = {"fm": "4", "otcfm": "19-29", "c2ot": "19-29"}
+
+
+def load_sampler(stop: threading.Event, out: list[float]) -> None:
+    while not stop.is_set():
+        out.append(float(Path("/proc/loadavg").read_text().split()[0]))
+        stop.wait(30)
+
+
+def snakemake(results: str, cores: int, targets: list[str], log) -> tuple[float, int]:
+    cmd = [sys.executable, "-m", "snakemake", *targets, "--configfile", str(CONFIG.relative_to(ROOT)),
+           "--config", f"results={results}", "--cores", str(cores), "--keep-going"]
+    t0 = time.time()
+    rc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT).returncode
+    return time.time() - t0, rc
+
+
+def experiments(results: str) -> list[dict]:
+    cfg = yaml.safe_load(CONFIG.read_text())
+    return [{**e, "seeds": e.get("seeds", cfg["seeds"]), "dir": Path(results) / e["data"] / "runs" / e["name"]}
+            for e in cfg["experiments"]]
+
+
+def run(a) -> None:
+    exps = experiments(a.results)
+    state_path = Path(a.results) / "bench_run.json"
+    Path(a.results).mkdir(parents=True, exist_ok=True)
+    state = {"command": f"python benchmarks/c2ot_moons.py --cores {a.cores}", "start": dt.datetime.now().isoformat(
+        timespec="seconds"), "phases": []}
+    loads: list[float] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=load_sampler, args=(stop, loads), daemon=True)
+    sampler.start()
+    phases = []
+    if a.seed_first:
+        phases.append(("seed 0 of every experiment", [str(e["dir"] / "seed0" / "metrics" / "all.json") for e in exps]))
+    phases.append(("everything", []))
+    with open(Path(a.results) / "bench_snakemake.log", "a") as log:
+        for name, targets in phases:
+            seconds, rc = snakemake(a.results, a.cores, targets, log)
+            state["phases"].append({"phase": name, "seconds": round(seconds, 1), "returncode": rc,
+                                    "end": dt.datetime.now().isoformat(timespec="seconds")})
+            state["load"] = {"mean": round(float(np.mean(loads)), 2), "max": max(loads), "samples": len(loads)}
+            state_path.write_text(json.dumps(state, indent=1))
+    stop.set()
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "—"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def collect(a) -> list[str]:
+    results = Path(a.results)
+    state_path = results / "bench_run.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    rows, times, missing = [], [], []
+    for e in experiments(a.results):
+        w2 = {"euler-1": [], "dopri5": []}
+        nfe, secs, job_secs, done = [], [], [], []
+        for seed in e["seeds"]:
+            d = e["dir"] / f"seed{seed}"
+            summary = d / "train_summary.json"
+            if summary.exists():
+                secs.append(json.loads(summary.read_text())["seconds"])
+                tsv = results / "benchmarks" / e["data"] / e["name"] / f"seed{seed}" / "train.tsv"
+                if tsv.exists():
+                    job_secs.append(float(pd.read_csv(tsv, sep="\t")["s"].iloc[0]))
+            metrics = d / "metrics" / "all.json"
+            if not metrics.exists():
+                missing.append(f"{e['name']} seed {seed}" + (" (trained, not evaluated)" if summary.exists() else ""))
+                continue
+            done.append(seed)
+            for rec in json.loads(metrics.read_text()):
+                tag = "dopri5" if rec["solver"] == "dopri5" else f"{rec['solver']}-{rec['steps']}"
+                if tag in w2 and "w2sq" in rec["metrics"]:
+                    w2[tag].append(rec["metrics"]["w2sq"])
+                    if tag == "dopri5":
+                        nfe.append(float(rec["nfe"]))
+        cond = CONDITION.get(e.get("conditioning", "none"), e.get("conditioning"))
+        rows.append({"experiment": e["name"], "method": e["method"], "condition": cond, "seeds": len(done),
+                     "W2² euler-1": fmt(w2["euler-1"]),
+                     "W2² dopri5 (NFE)": fmt(w2["dopri5"]) + (f" ({np.mean(nfe):.1f})" if nfe else "")})
+        times.append({"experiment": e["name"], "train loop s per seed": ", ".join(f"{s:.0f}" for s in secs) or "—",
+                      "train job s per seed": ", ".join(f"{s:.0f}" for s in job_secs) or "—",
+                      "mean min per seed": f"{np.mean(job_secs or secs) / 60:.1f}" if secs else "—",
+                      "harness min per seed": HARNESS_MINUTES.get(e["method"], "—")})
+    per_rule: dict[str, float] = {}
+    for f in (results / "benchmarks").rglob("*.tsv"):
+        per_rule[f.stem] = per_rule.get(f.stem, 0.0) + float(pd.read_csv(f, sep="\t")["s"].iloc[0])
+    total = sum(p["seconds"] for p in state.get("phases", []))
+    load = state.get("load", {})
+    lines = [f"## C2OT toy harness as a config (issue 12), {dt.date.today().isoformat()}", "",
+             f"- command: `{state.get('command', 'python benchmarks/c2ot_moons.py --cores 2')}` "
+             f"(`snakemake --configfile config/c2ot-moons.yaml --cores N`, seed 0 of every experiment first)",
+             f"- machine: {machine()}; load (1-min average, sampled every 30 s during the run, shared with other "
+             f"work): mean {load.get('mean', '?')}, max {load.get('max', '?')}",
+             f"- started {state.get('start', '?')}; wall time, whole run: **{total:.0f} s ({total / 3600:.2f} h)** ("
+             + "; ".join(f"{p['phase']}: {p['seconds']:.0f} s, exit {p['returncode']}" for p in state.get("phases", []))
+             + ")",
+             "- job seconds per rule (sum over jobs): "
+             + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(per_rule.items(), key=lambda kv: -kv[1])),
+             "", "Training time per seed (two jobs at a time on the 2 cores; the loop alone, and the whole train "
+             "job with start-up and checkpoints), beside the harness's per-seed time on one CPU thread (issue 12):",
+             "", pd.DataFrame(times).to_markdown(index=False), "",
+             "W2² between 10,000 generated points (fresh 8-Gaussian source draws; mmfm: its GMM, csfm: its learned "
+             "source) and the 10,000 held-out moons points, exact EMD with squared-Euclidean cost, mean ± std "
+             "(population, as the harness) over the seeds done; dopri5 at rtol = atol = 1e-4 on batches of 256 with "
+             "the mean NFE over batches and seeds. The harness's README publishes no W2 numbers for this "
+             "experiment, so there is nothing to set beside them.",
+             "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    if missing:
+        lines += [f"Missing ({len(missing)} of {sum(len(e['seeds']) for e in experiments(a.results))} runs): "
+                  + ", ".join(missing) + ".", ""]
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cores", type=int, default=2, help="snakemake --cores")
+    p.add_argument("--results", default=yaml.safe_load(CONFIG.read_text())["results"],
+                   help="results folder (default: the config's own; finished jobs are kept, not rerun)")
+    p.add_argument("--seed-first", action=argparse.BooleanOptionalAction, default=True,
+                   help="run seed 0 of every experiment before the other seeds")
+    p.add_argument("--collect-only", action="store_true", help="do not run: tabulate what has finished")
+    p.add_argument("--no-write", action="store_true", help="print the entry without appending it to --out")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="results file to append to")
+    a = p.parse_args()
+    if not a.collect_only:
+        run(a)
+    lines = collect(a)
+    if not a.no_write:
+        with open(a.out, "a") as f:
+            f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
