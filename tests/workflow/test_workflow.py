@@ -39,7 +39,11 @@ def test_full_run_writes_the_report(tiny):
     for name in ("metrics.csv", "summary.md", "w2_vs_nfe.png", "samples_moons.png"):
         assert (rep / name).stat().st_size > 0, name
     df = pd.read_csv(rep / "metrics.csv")
-    assert list(df.columns) == ["dataset", "experiment", "method", "solver", "steps", "nfe", "metric", "value", "seed"]
+    assert list(df.columns) == ["dataset", "experiment", "method", "source", "coupling", "conditioning", "reflow_from",
+                                "solver", "steps", "nfe", "metric", "value", "seed"]
+    combos = set(df[["experiment", "source", "coupling", "conditioning"]].itertuples(index=False))
+    assert ("mmfm", "gmm", "mode", "mode") in combos and ("fm", "toy", "independent", "none") in combos
+    assert set(df.reflow_from.dropna()) == {"fm"} and set(df[df.reflow_from.notna()].experiment) == {"fm-reflow"}
     assert set(df.experiment) == {"fm", "otcfm", "loom", "c2ot", "mmfm", "csfm", "fm-reflow", "gmm-loom"}
     w2 = df[df.metric == "w2sq"]
     assert set(zip(w2.solver, w2.steps.fillna(0).astype(int), strict=True)) == {("euler", 1), ("euler", 2), ("dopri5", 0)}
@@ -49,7 +53,15 @@ def test_full_run_writes_the_report(tiny):
     # per-condition W2 for the conditional runs only
     cond = df[df.metric.str.startswith("w2sq_cond[")]
     assert set(cond.experiment) == {"c2ot", "csfm"}
-    assert "## moons" in (rep / "summary.md").read_text()
+    summary = (rep / "summary.md").read_text()
+    assert "## moons" in summary and "### moons: W2² against the like-for-like baseline" in summary
+    # mmfm (mode-conditional) against the unconditional fm; the label-conditioned runs have no label-conditioned
+    # plain FM in this config, and say so rather than being compared with fm
+    assert re.search(r"^\| mmfm +\| gmm / mode / mode +\| fm +\|", summary, re.M)
+    assert "- c2ot (gaussian source, c2ot coupling, conditioning label): no gaussian-source" in summary
+    assert re.search(r"^\| fm-reflow +\| fm +\| .+ \| (yes|no) +\|$", summary, re.M)  # reflow against its base
+    assert "- **gmm-loom** (gmm source + loom coupling, conditioning mode)" in summary  # against both parents
+    assert "Parents: mmfm (same source: gmm source, mode coupling) and loom (same coupling" in summary
 
 
 def test_two_process_training_shards_the_data_and_keeps_one_model(tiny):
