@@ -197,6 +197,15 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     return acc
 
 
+def _idle_core() -> bool:
+    """Whether a core is free for pairing in the background (1-minute load at most the usable cores minus
+    one). Only the speed depends on it: with every core busy the extra thread made OT steps slower."""
+    try:
+        return os.getloadavg()[0] <= len(os.sched_getaffinity(0)) - 1
+    except (AttributeError, OSError):
+        return True
+
+
 def _checksum(module: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum() for p in module.parameters()))
 
@@ -279,6 +288,7 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     # release the GIL). The pairing is a pure function of (seed, chunk) and of the coupling state, which
     # only the pairing changes, in chunk order, so the weights are bitwise those of pairing in line. A
     # chunk that starts at a checkpoint is paired in line: the checkpoint holds the state after its chunk.
+    # Only while a core is idle: on busy cores (other training jobs) the extra thread slowed steps down.
     prefetch = ThreadPoolExecutor(1, thread_name_prefix="pair-chunk") if chunked and world == 1 else None
     pending: dict[int, Future] = {}
 
@@ -319,7 +329,7 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
                 with torch.no_grad():
                     chunk_pair = method.pair(_gather_batch(acc, cb), step_generator(seed, chunk_id, "pair-chunk"))
             nxt = (chunk_id + 1) * plan.k
-            if prefetch is not None and nxt < settings.steps and nxt % settings.checkpoint_every:
+            if prefetch is not None and nxt < settings.steps and nxt % settings.checkpoint_every and _idle_core():
                 pending[chunk_id + 1] = prefetch.submit(pair_chunk, chunk_id + 1, plan.chunk_indices(chunk_id + 1))
         opt.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}

@@ -123,6 +123,7 @@ CASES = [
 def test_prefetched_pairing_gives_bitwise_the_weights_and_state_of_pairing_in_line(method, extra, points, tmp_path,
                                                                                    monkeypatch):
     spec = _spec(method, **extra)
+    monkeypatch.setattr(loop, "_idle_core", lambda: True)  # prefetch whatever the machine's load
     _, threaded = _run(spec, points, tmp_path / "threaded")  # the real background thread
     _run(spec, points, tmp_path / "resumed", stop_after=12)  # killed mid-way, a prefetch in flight
     assert _run(spec, points, tmp_path / "resumed")[0]["resumed_from"] == 8
@@ -137,3 +138,11 @@ def test_prefetched_pairing_gives_bitwise_the_weights_and_state_of_pairing_in_li
         assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref), name
     a, b = threaded.state_tensors(), inline.state_tensors()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_prefetch_while_every_core_is_busy(points, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "_idle_core", lambda: False)
+    monkeypatch.setattr(loop, "ThreadPoolExecutor", InlineExecutor)
+    InlineExecutor.submitted = 0
+    _run(_spec("otcfm"), points, tmp_path / "busy")
+    assert InlineExecutor.submitted == 0
