@@ -44,7 +44,7 @@ def test_full_run_writes_the_report(tiny):
     combos = set(df[["experiment", "source", "coupling", "conditioning"]].itertuples(index=False))
     assert ("mmfm", "gmm", "mode", "mode") in combos and ("fm", "toy", "independent", "none") in combos
     assert set(df.reflow_from.dropna()) == {"fm"} and set(df[df.reflow_from.notna()].experiment) == {"fm-reflow"}
-    assert set(df.experiment) == {"fm", "otcfm", "loom", "c2ot", "mmfm", "csfm", "fm-reflow", "gmm-loom"}
+    assert set(df.experiment) == {"fm", "otcfm", "loom", "c2ot", "fm-label", "mmfm", "csfm", "fm-reflow", "gmm-loom"}
     w2 = df[df.metric == "w2sq"]
     assert set(zip(w2.solver, w2.steps.fillna(0).astype(int), strict=True)) == {("euler", 1), ("euler", 2), ("dopri5", 0)}
     assert (w2.value > 0).all()
@@ -52,13 +52,13 @@ def test_full_run_writes_the_report(tiny):
     assert (df[(df.metric == "nfe") & (df.solver == "dopri5")].value > 2).all()
     # per-condition W2 for the conditional runs only
     cond = df[df.metric.str.startswith("w2sq_cond[")]
-    assert set(cond.experiment) == {"c2ot", "csfm"}
+    assert set(cond.experiment) == {"c2ot", "csfm", "fm-label"}
     summary = (rep / "summary.md").read_text()
     assert "## moons" in summary and "### moons: W2² against the like-for-like baseline" in summary
-    # mmfm (mode-conditional) against the unconditional fm; the label-conditioned runs have no label-conditioned
-    # plain FM in this config, and say so rather than being compared with fm
+    # mmfm (mode-conditional) against the unconditional fm; the label-conditioned runs against fm-label
     assert re.search(r"^\| mmfm +\| gmm / mode / mode +\| fm +\|", summary, re.M)
-    assert "- c2ot (gaussian source, c2ot coupling, conditioning label): no gaussian-source" in summary
+    assert re.search(r"^\| c2ot +\| toy / c2ot / label +\| fm-label +\|", summary, re.M)
+    assert re.search(r"^\| csfm +\| learned / independent / label +\| fm-label +\|", summary, re.M)
     assert re.search(r"^\| fm-reflow +\| fm +\| .+ \| (yes|no) +\|$", summary, re.M)  # reflow against its base
     assert "- **gmm-loom** (gmm source + loom coupling, conditioning mode)" in summary  # against both parents
     assert "Parents: mmfm (same source: gmm source, mode coupling) and loom (same coupling" in summary
@@ -86,8 +86,10 @@ def test_changing_one_experiment_reruns_only_its_jobs(tiny):
     try:
         changed = TINY_2PROC.replace("{name: fm, method: fm, data: moons,",
                                      "{name: fm, method: fm, data: moons, overrides: {train: {lr: 0.002}},")
+        # fm-reflow trains on pairs fm's model generates, so it reruns too (and nothing else)
         assert _plan(tiny, changed) == {("experiment_spec", "fm"), ("train", "fm"), ("sample", "fm"),
-                                        ("evaluate", "fm"), ("report", ""), ("all", "")}
+                                        ("evaluate", "fm"), ("reflow_pairs", "fm-reflow"), ("train", "fm-reflow"),
+                                        ("sample", "fm-reflow"), ("evaluate", "fm-reflow"), ("report", ""), ("all", "")}
         # a sampling setting: sample and evaluate rerun, training does not
         changed = TINY_2PROC.replace("{name: fm, method: fm, data: moons,",
                                      "{name: fm, method: fm, data: moons, overrides: {sample: {num_samples: 200}},")
@@ -130,7 +132,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace("seeds: [0]", "sedes: [0]"), "sedes"),
     (lambda t: t.replace("train: {steps: 40,", "train: {stpes: 40,"), "stpes"),
-    (lambda t: t.replace("conditioning: label}\n  - {name: mmfm", "conditioning: none}\n  - {name: mmfm"),
+    (lambda t: t.replace("8gaussians}, conditioning: label}\n  - {name: fm-label", "8gaussians}, conditioning: none}\n  - {name: fm-label"),
      "c2ot coupling needs a data condition"),
     (lambda t: t.replace("n_test: 300", "n_test: -3"), "n_test"),
 ])
