@@ -10,6 +10,7 @@ harness's np.std; dopri5 with its mean NFE). Runs that have not finished are lis
 
   python benchmarks/c2ot_moons.py --cores 2                  # run (hours on 2 CPU cores), then write
   python benchmarks/c2ot_moons.py --collect-only [--no-write] # table of what has finished so far
+  python benchmarks/c2ot_moons.py --assign-bench               # scipy LSA vs POT's simplex, printed only
 """
 
 from __future__ import annotations
@@ -154,6 +155,49 @@ def collect(a) -> list[str]:
     return lines
 
 
+def assign_bench() -> None:
+    """Exact 1024 x 1024 assignments of the toy costs by scipy's LSA and POT's network simplex (min of 3)."""
+    import torch
+    from scipy.optimize import linear_sum_assignment
+
+    sys.path.insert(0, str(ROOT))
+    from sourceflow.data import toy
+    from sourceflow.flow.couplings import _simplex_perm, cost_matrix, search_weight, sq_cost_matrix
+
+    def best(f) -> float:
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return 1e3 * min(ts)
+
+    g = torch.Generator().manual_seed(1)
+    print(f"load {Path('/proc/loadavg').read_text().split()[0]}")
+    print("| cost | n | scipy LSA (ms) | POT emd (ms) | emd speed-up | same permutation |")
+    print("|---|---:|---:|---:|---:|---|")
+    for n in (256, 512, 1024, 2048):
+        x0, d = toy.sample("8gaussians", n, g).x, toy.sample("moons", n, g)
+        m = sq_cost_matrix(x0, d.x)
+        cc = sq_cost_matrix(d.x[:, :1], d.x[:, :1])
+        w = search_weight(m, cc, 0.05, 100.0)
+        cases = {"8 Gaussians -> moons, squared": m, "8 Gaussians -> moons, Euclidean": cost_matrix(x0, d.x, "euclidean"),
+                 "N(0, I) -> moons, squared": sq_cost_matrix(torch.randn(n, 2, generator=g), d.x),
+                 f"c2ot-x: squared + {w:.0f}·C(x)": m + w * cc,
+                 "192-d noise -> 192-d uniform": sq_cost_matrix(torch.randn(n, 192, generator=g),
+                                                                torch.rand(n, 192, generator=g) * 2 - 1)}
+        for name, cost in cases.items():
+            c = cost.numpy()
+            if n == 2048 and not name.startswith("8 Gaussians -> moons, sq"):
+                continue
+            t_lsa, t_emd = best(lambda c=c: linear_sum_assignment(c)), best(lambda c=c: _simplex_perm(c))
+            rows, cols = linear_sum_assignment(c)
+            ref = np.empty(n, dtype=np.int64)
+            ref[cols] = rows
+            print(f"| {name} | {n} | {t_lsa:.1f} | {t_emd:.1f} | {t_lsa / t_emd:.1f}x | "
+                  f"{np.array_equal(ref, _simplex_perm(c))} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cores", type=int, default=2, help="snakemake --cores")
@@ -164,7 +208,11 @@ def main() -> None:
     p.add_argument("--collect-only", action="store_true", help="do not run: tabulate what has finished")
     p.add_argument("--no-write", action="store_true", help="print the entry without appending it to --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="results file to append to")
+    p.add_argument("--assign-bench", action="store_true", help="only time the exact-assignment solvers (printed)")
     a = p.parse_args()
+    if a.assign_bench:
+        assign_bench()
+        return
     if not a.collect_only:
         run(a)
     lines = collect(a)
