@@ -46,8 +46,10 @@ def load_sampler(stop: threading.Event, out: list[float]) -> None:
         stop.wait(30)
 
 
-def snakemake(results: str, cores: int, targets: list[str], log) -> tuple[float, int]:
-    cmd = [sys.executable, "-m", "snakemake", *targets, "--configfile", str(CONFIG.relative_to(ROOT)),
+def snakemake(results: str, cores: int, targets: list[str], log, first: list[str] = ()) -> tuple[float, int]:
+    """One snakemake invocation; ``first``: targets scheduled before the others (--prioritize)."""
+    cmd = [sys.executable, "-m", "snakemake", *targets, *(["--prioritize", *first] if first else []),
+           "--configfile", str(CONFIG.relative_to(ROOT)),
            "--config", f"results={results}", "--cores", str(cores), "--keep-going"]
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT).returncode
@@ -64,21 +66,27 @@ def run(a) -> None:
     exps = experiments(a.results)
     state_path = Path(a.results) / "bench_run.json"
     Path(a.results).mkdir(parents=True, exist_ok=True)
-    state = {"command": f"python benchmarks/c2ot_moons.py --cores {a.cores}", "start": dt.datetime.now().isoformat(
-        timespec="seconds"), "phases": []}
-    loads: list[float] = []
+    # a rerun (after a kill) continues the record: its phases add to the wall time
+    state = json.loads(state_path.read_text()) if state_path.exists() else {
+        "command": f"python benchmarks/c2ot_moons.py --cores {a.cores}",
+        "start": dt.datetime.now().isoformat(timespec="seconds"), "phases": []}
+    loads: list[float] = state.get("load_samples", [])
     stop = threading.Event()
     sampler = threading.Thread(target=load_sampler, args=(stop, loads), daemon=True)
     sampler.start()
     phases = []
+    seed0 = {e["name"]: str(e["dir"] / "seed0" / "metrics" / "all.json") for e in exps}
     if a.seed_first:
-        phases.append(("seed 0 of every experiment", [str(e["dir"] / "seed0" / "metrics" / "all.json") for e in exps]))
-    phases.append(("everything", []))
+        # the first experiment of each method before the others: one seed per method as early as possible
+        first = [seed0[e["name"]] for i, e in enumerate(exps) if e["method"] not in {x["method"] for x in exps[:i]}]
+        phases.append(("seed 0 of every experiment, one per method first", list(seed0.values()), first))
+    phases.append(("everything", [], []))
     with open(Path(a.results) / "bench_snakemake.log", "a") as log:
-        for name, targets in phases:
-            seconds, rc = snakemake(a.results, a.cores, targets, log)
+        for name, targets, first in phases:
+            seconds, rc = snakemake(a.results, a.cores, targets, log, first)
             state["phases"].append({"phase": name, "seconds": round(seconds, 1), "returncode": rc,
                                     "end": dt.datetime.now().isoformat(timespec="seconds")})
+            state["load_samples"] = loads
             state["load"] = {"mean": round(float(np.mean(loads)), 2), "max": max(loads), "samples": len(loads)}
             state_path.write_text(json.dumps(state, indent=1))
     stop.set()
