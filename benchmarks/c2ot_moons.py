@@ -92,6 +92,19 @@ def run(a) -> None:
     stop.set()
 
 
+def loop_seconds(log: Path) -> float:
+    """Training-loop seconds over all steps from train_log.jsonl: a resumed run restarts its clock (the log is
+    cut back to the checkpoint it resumed from), so the segments are added (steps redone after a kill are not
+    counted)."""
+    total, last = 0.0, 0.0
+    for line in log.read_text().splitlines():
+        sec = json.loads(line)["seconds"]
+        if sec < last:
+            total += last
+        last = sec
+    return total + last
+
+
 def fmt(values: list[float], digits: int = 3) -> str:
     if not values:
         return "—"
@@ -102,6 +115,14 @@ def collect(a) -> list[str]:
     results = Path(a.results)
     state_path = results / "bench_run.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if a.in_progress_since:  # collecting while the run goes on: its current phase so far
+        since = dt.datetime.fromisoformat(a.in_progress_since)
+        state.setdefault("phases", []).append({"phase": "in progress when tabulated", "returncode": "running",
+                                               "seconds": (dt.datetime.now() - since).total_seconds()})
+    if a.load_file:  # "<iso time> <1-min load>" lines sampled outside the run (e.g. while it was killed)
+        samples = [float(ln.split()[1]) for ln in Path(a.load_file).read_text().splitlines() if ln.strip()]
+        loads = state.get("load_samples", []) + samples
+        state["load"] = {"mean": round(float(np.mean(loads)), 2), "max": max(loads), "samples": len(loads)}
     rows, times, missing = [], [], []
     for e in experiments(a.results):
         w2 = {"euler-1": [], "dopri5": []}
@@ -110,9 +131,10 @@ def collect(a) -> list[str]:
             d = e["dir"] / f"seed{seed}"
             summary = d / "train_summary.json"
             if summary.exists():
-                secs.append(json.loads(summary.read_text())["seconds"])
+                resumed = json.loads(summary.read_text())["resumed_from"]
+                secs.append(f"{loop_seconds(d / 'train_log.jsonl'):.0f}" + ("*" if resumed else ""))
                 tsv = results / "benchmarks" / e["data"] / e["name"] / f"seed{seed}" / "train.tsv"
-                if tsv.exists():
+                if tsv.exists() and not resumed:  # a resumed job's tsv covers only its last part
                     job_secs.append(float(pd.read_csv(tsv, sep="\t")["s"].iloc[0]))
             metrics = d / "metrics" / "all.json"
             if not metrics.exists():
@@ -129,9 +151,10 @@ def collect(a) -> list[str]:
         rows.append({"experiment": e["name"], "method": e["method"], "condition": cond, "seeds": len(done),
                      "W2² euler-1": fmt(w2["euler-1"]),
                      "W2² dopri5 (NFE)": fmt(w2["dopri5"]) + (f" ({np.mean(nfe):.1f})" if nfe else "")})
-        times.append({"experiment": e["name"], "train loop s per seed": ", ".join(f"{s:.0f}" for s in secs) or "—",
+        loop_s = [float(x.rstrip("*")) for x in secs]
+        times.append({"experiment": e["name"], "train loop s per seed": ", ".join(secs) or "—",
                       "train job s per seed": ", ".join(f"{s:.0f}" for s in job_secs) or "—",
-                      "mean min per seed": f"{np.mean(job_secs or secs) / 60:.1f}" if secs else "—",
+                      "mean loop min per seed": f"{np.mean(loop_s) / 60:.1f}" if secs else "—",
                       "harness min per seed": HARNESS_MINUTES.get(e["method"], "—")})
     per_rule: dict[str, float] = {}
     for f in (results / "benchmarks").rglob("*.tsv"):
@@ -149,7 +172,8 @@ def collect(a) -> list[str]:
              "- job seconds per rule (sum over jobs): "
              + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(per_rule.items(), key=lambda kv: -kv[1])),
              "", "Training time per seed (two jobs at a time on the 2 cores; the loop alone, and the whole train "
-             "job with start-up and checkpoints), beside the harness's per-seed time on one CPU thread (issue 12):",
+             "job with start-up and checkpoints; * = resumed after a kill: the loop's segments added, the job's "
+             "time not known), beside the harness's per-seed time on one CPU thread (issue 12):",
              "", pd.DataFrame(times).to_markdown(index=False), "",
              "W2² between 10,000 generated points (fresh 8-Gaussian source draws; mmfm: its GMM, csfm: its learned "
              "source) and the 10,000 held-out moons points, exact EMD with squared-Euclidean cost, mean ± std "
@@ -217,6 +241,8 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="print the entry without appending it to --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="results file to append to")
     p.add_argument("--assign-bench", action="store_true", help="only time the exact-assignment solvers (printed)")
+    p.add_argument("--in-progress-since", default=None, help="--collect-only during a run: ISO start of its phase")
+    p.add_argument("--load-file", default=None, help="--collect-only: extra '<time> <load>' samples to include")
     a = p.parse_args()
     if a.assign_bench:
         assign_bench()
