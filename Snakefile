@@ -31,6 +31,12 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+onstart:
+    # a run (not a dry run) stops here, before any job, when an external input the config names is missing
+    if MISSING_INPUTS:
+        raise WorkflowError(f"{len(MISSING_INPUTS)} external input(s) missing (listed above); nothing was run")
+
+
 rule all:
     default_target: True
     input:

@@ -298,6 +298,57 @@ def _semantic_checks(spec: dict[str, Any], where: str) -> None:
                               "null condition is untrained otherwise")
 
 
+def external_inputs(config: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(config key, value, kind) of every input the config names outside the results folder: data roots,
+    caption files, weight folders or hub ids, the Inception file and ADM reference batches. ``kind`` is
+    ``path`` (must exist) or ``weights`` (a local folder, or a hub id that must be in the local cache)."""
+    out: list[tuple[str, str, str]] = []
+    for name, ds in config.get("datasets", {}).items():
+        key = f"datasets.{name}"
+        if ds.get("kind") == "imagefolder":
+            out.append((f"{key}.root", ds["root"], "path"))
+            if ds.get("test_root"):
+                out.append((f"{key}.test_root", ds["test_root"], "path"))
+        for enc, e in (ds.get("encoders") or {}).items():
+            if e.get("weights"):
+                out.append((f"{key}.encoders.{enc}.weights", e["weights"], "weights"))
+        cap = ds.get("captions") or {}
+        if cap.get("file"):
+            out.append((f"{key}.captions.file", cap["file"], "path"))
+        for te, t in (cap.get("text_encoders") or {}).items():
+            if t.get("weights"):
+                out.append((f"{key}.captions.text_encoders.{te}.weights", t["weights"], "weights"))
+        ref = ds.get("reference") or {}
+        for k in ("inception_path", "adm_npz"):
+            if ref.get(k):
+                out.append((f"{key}.reference.{k}", ref[k], "path"))
+    return out
+
+
+def missing_external_inputs(config: dict[str, Any]) -> list[str]:
+    """One line per external input that is not there (all of them at once, each with its config key), so a
+    full-scale run stops before any job rather than one job at a time."""
+    from sourceflow.encoders.weights import looks_local
+
+    missing = []
+    for key, value, kind in external_inputs(config):
+        if kind == "weights" and not looks_local(value):
+            if not _in_hub_cache(value):
+                missing.append(f"{key}: hub id {value!r} is not in the local Hugging Face cache (download it on a "
+                               "machine with network, or give a local save_pretrained folder)")
+        elif not Path(value).expanduser().exists():
+            missing.append(f"{key}: {value} not found")
+    return missing
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
 def spec_hash(spec: dict[str, Any]) -> str:
     """Stable short hash of what determines a run's training (stored in checkpoints)."""
     keep = {k: v for k, v in spec.items() if k not in ("sample", "evaluate", "seeds", "model_from")}

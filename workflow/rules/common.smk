@@ -317,6 +317,23 @@ def check_image_datasets():
 check_image_datasets()
 
 
+def preflight():
+    """Every external input the config names, checked when the workflow is parsed: all missing ones listed
+    at once with their config keys, as a warning (so `snakemake -n` shows it); a real run then stops in
+    `onstart` (Snakefile) before any job."""
+    from snakemake.logging import logger
+
+    from sourceflow.config import missing_external_inputs
+
+    missing = missing_external_inputs(config)
+    if missing:
+        logger.warning(f"{len(missing)} external input(s) missing:\n  " + "\n  ".join(missing))
+    return missing
+
+
+MISSING_INPUTS = preflight()
+
+
 def artifact_outputs():
     """Every cached image artifact the config declares (rule all builds them even without experiments)."""
     out = []
