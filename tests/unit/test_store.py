@@ -260,3 +260,82 @@ def test_variance_only_normalization_matches_numpy_and_inverts(tmp_path):
         LatentStats.load(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="normalization must be one of"):
         LatentStats(st.mean, st.var, mode="center")
+
+
+def test_subset_rows_are_seeded_sorted_and_one_per_stratum():
+    from sourceflow.store.stats import subset_rows
+
+    m, n = 1003, 37
+    rows = subset_rows(m, n, seed=5)
+    assert rows.dtype == np.int64 and len(rows) == n
+    for i, r in enumerate(rows):  # stratum i is [floor(i*m/n), floor((i+1)*m/n)), from the definition
+        assert (i * m) // n <= r < ((i + 1) * m) // n
+    np.testing.assert_array_equal(rows, subset_rows(m, n, seed=5))
+    assert not np.array_equal(rows, subset_rows(m, n, seed=6))
+    np.testing.assert_array_equal(subset_rows(m, None), np.arange(m))
+    np.testing.assert_array_equal(subset_rows(m, m + 10, seed=1), np.arange(m))  # more than there are: all
+    with pytest.raises(ValueError, match="positive"):
+        subset_rows(m, 0)
+
+
+def test_read_rows_into_matches_numpy_fancy_indexing(tmp_path, monkeypatch):
+    """Row-granular reads over 4-row inner chunks (runs capped at a few chunks) give exactly data[rows]."""
+    import sourceflow.store.sharded as sharded
+    from sourceflow.store.stats import read_rows_into
+
+    monkeypatch.setattr(sharded, "chunk_rows", lambda shard_rows, row_bytes, target=0: 4)
+    path = tmp_path / "s.zarr"
+    w, data = random_store(path, num_images=61, flips=True, shard_rows=16)
+    w.mark_complete()
+    arr = LatentStore.open(path).array("spatial")
+    assert arr.chunks[0] == 4 and arr.shards[0] == 16
+    rng = np.random.default_rng(0)
+    for rows in (np.arange(122), np.array([0, 3, 4, 5, 15, 16, 17, 60, 61, 121]),
+                 np.sort(rng.choice(122, 30, replace=False))):
+        for cap in (1, 4, 9, 1000):
+            out = np.empty((len(rows), 3, 2, 4), np.float64)
+            read_rows_into(arr, rows, out, cap)
+            np.testing.assert_array_equal(out, data["spatial"][rows].astype(np.float64))
+    with pytest.raises(ValueError, match="sorted"):
+        read_rows_into(arr, np.array([5, 3]), np.empty((2, 3, 2, 4)), 8)
+
+
+def test_latent_stats_subset_matches_numpy_of_those_rows(tmp_path, monkeypatch):
+    """--images N: the stats of exactly the subset_rows(M, N, seed) unflipped rows (numpy on those rows),
+    the subset size and seed in the file's metadata; the same seed gives the same file, another seed
+    another subset; N >= M uses every unflipped row once."""
+    import sourceflow.store.sharded as sharded
+    from sourceflow.store.stats import subset_rows
+
+    monkeypatch.setattr(sharded, "chunk_rows", lambda shard_rows, row_bytes, target=0: 2)
+    path = tmp_path / "s.zarr"
+    m = 53
+    w, data = random_store(path, num_images=m, flips=True, shard_rows=8)
+    w.mark_complete()
+    x = data["spatial"].astype(np.float64)
+
+    def stage(out: Path, *args) -> tuple[LatentStats, dict]:
+        run_stage("latent_stats", "--store", path, "--out", out, "--batch-rows", 4, *args)
+        with safe_open(str(out), "np") as f:
+            return LatentStats.load(out), f.metadata()
+
+    st, meta = stage(tmp_path / "a.safetensors", "--images", 11, "--seed", 3)
+    rows = subset_rows(m, 11, 3)
+    assert rows.max() < m and np.all(data["flip"][rows] == 0)
+    np.testing.assert_allclose(st.mean.numpy(), x[rows].mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(st.var.numpy(), x[rows].var(0), rtol=1e-6)
+    assert not np.allclose(st.var.numpy(), x.var(0), rtol=1e-3)  # not the all-rows statistics
+    assert meta["stats_rows"] == "images" and meta["stats_images"] == "11" and meta["stats_seed"] == "3"
+    assert meta["rows_used"] == "11" and meta["num_rows"] == str(2 * m)
+    again, _ = stage(tmp_path / "b.safetensors", "--images", 11, "--seed", 3)
+    assert torch.equal(again.mean, st.mean) and torch.equal(again.var, st.var)
+    other, _ = stage(tmp_path / "c.safetensors", "--images", 11, "--seed", 4)
+    assert not torch.equal(other.var, st.var)
+    every, meta = stage(tmp_path / "d.safetensors", "--images", 10 * m)
+    np.testing.assert_allclose(every.var.numpy(), x[:m].var(0), rtol=1e-6)
+    assert meta["stats_images"] == str(m) and meta["stats_images_requested"] == str(10 * m)
+    _, meta = stage(tmp_path / "e.safetensors")
+    assert meta["stats_rows"] == "all" and meta["rows_used"] == str(2 * m) and "stats_seed" not in meta
+    # a subset may only hold unflipped rows: a flipped row is refused, not silently used
+    with pytest.raises(ValueError, match="holds flipped rows"):
+        compute_latent_stats(LatentStore.open(path), rows=np.array([0, m + 1]))
