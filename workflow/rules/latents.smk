@@ -32,6 +32,29 @@ rule extract_latents:
         "--device {params.device} --overwrite --out {params.store} > {log} 2>&1"
 
 
+def latent_stats_subset(wc):
+    """The stage's --images/--seed for an encoder's stats_images subset ("" = all rows)."""
+    spec = encoder_spec(wc)
+    return "" if spec["stats_images"] is None else f"--images {spec['stats_images']} --seed {spec['stats_seed']} "
+
+
+def latent_stats_mem_mb(wc, input):
+    """latent_stats' memory from its settings and the store's row shape (latents.json): the float64 batch
+    (stats_batch_rows x C*H*W x 8 bytes) plus one Zarr read in flight (a quarter batch or one chunk of at
+    most max(4 MiB, a row); ~3x its bytes inside Zarr and one copy of the rows taken), +25%, plus 600 MB
+    for Python, torch and Zarr.
+    Before extraction latents.json does not exist: the FileNotFoundError makes Snakemake evaluate this
+    again once the job is ready (a dry run shows it as <TBD>)."""
+    with open(input.done) as f:
+        shape = json.load(f)["spatial_shape"]
+    row = 4
+    for d in shape:
+        row *= int(d)
+    rows = encoder_spec(wc)["stats_batch_rows"]
+    read = 4 * max(rows // 4 * row, row, 4 << 20)
+    return int(1.25 * (2 * rows * row + read) / 1e6) + 600
+
+
 rule latent_stats:
     input:
         done=f"{R}/{{dataset}}/{{encoder}}/latents.json",
@@ -42,6 +65,9 @@ rule latent_stats:
         # mean_std or std (RAE: variance only) and its eps, recorded in the file for every reader
         normalize=lambda wc: encoder_spec(wc)["normalize"],
         eps=lambda wc: encoder_spec(wc)["normalize_eps"],
+        # all rows, or a seeded subset of stats_images images (RAE/MM-FM: 50k); rows read at a time
+        subset=latent_stats_subset,
+        batch_rows=lambda wc: encoder_spec(wc)["stats_batch_rows"],
     log:
         f"{R}/logs/{{dataset}}/{{encoder}}/latent_stats.log",
     benchmark:
@@ -50,8 +76,8 @@ rule latent_stats:
         "../../envs/torch.yaml"
     resources:
         gpu=0,
-        mem_mb=4000,
+        mem_mb=latent_stats_mem_mb,
         runtime=120,
     shell:
         "python stages/latent_stats.py --store {params.store} --normalize {params.normalize} --eps {params.eps} "
-        "--out {output} > {log} 2>&1"
+        "{params.subset}--batch-rows {params.batch_rows} --out {output} > {log} 2>&1"
