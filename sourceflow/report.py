@@ -206,6 +206,46 @@ def scatter_grid_png(path: str | Path, samples: dict[str, dict[str, np.ndarray]]
     _panel_grid(path, sorted(samples), [*columns, "data"], draw, (2.6, 2.6))
 
 
+def read_npz_rows(path: str | Path, key: str, stop: int | None = None) -> np.ndarray:
+    """Rows [0, ``stop``) of array ``key`` of an .npz (``None``: all), reading only those rows: the member
+    ``key.npy`` is streamed from the zip (stored, as np.savez writes it, or deflated), its .npy header
+    parsed and just ``stop`` rows' bytes read. A grid of 36 tiles from a 50k-image ``arr_0`` (9.8 GB at
+    256²) reads 7 MB, where ``np.load(path)[key]`` reads all of it (an NpzFile member is read whole; there
+    is no mmap for npz). Object arrays are refused (no pickle); Fortran-order or 0-d arrays are read whole."""
+    import zipfile
+
+    from numpy.lib import format as npformat
+
+    with zipfile.ZipFile(path) as zf:
+        name = f"{key}.npy"
+        if name not in zf.namelist():
+            raise KeyError(f"{path}: no array {key!r} (arrays: {', '.join(n.removesuffix('.npy') for n in zf.namelist())})")
+        with zf.open(name) as f:
+            version = npformat.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = npformat.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = npformat.read_array_header_2_0(f)
+            else:  # (3, 0): utf-8 field names, rare; numpy reads it whole
+                shape, fortran, dtype = None, True, None
+            if dtype is not None and dtype.hasobject:
+                raise ValueError(f"{path}: array {key!r} holds Python objects (needs pickle; refused)")
+            if fortran or not shape:
+                with np.load(path, allow_pickle=False) as z:
+                    arr = z[key]
+                return arr if arr.ndim == 0 else arr[:stop]
+            n = shape[0] if stop is None else max(0, min(int(stop), shape[0]))
+            out = np.empty((n, *shape[1:]), dtype)
+            buf = memoryview(out.reshape(-1).view(np.uint8))
+            got = 0
+            while got < len(buf):
+                k = f.readinto(buf[got:got + (1 << 20)])  # 1 MiB at a time: zipfile copies what it reads
+                if not k:
+                    raise ValueError(f"{path}: array {key!r} is truncated ({got} of {len(buf)} bytes for {n} rows)")
+                got += k
+            return out
+
+
 def image_grid_png(path: str | Path, samples: dict[str, dict[str, np.ndarray]], columns: list[str],
                    reference: np.ndarray, per_cell: int = 36, scale: int = 4) -> None:
     """Rows: experiments; columns: sweep entries (e.g. euler-1 … euler-50) and the real images. Each cell

@@ -53,6 +53,7 @@ def main() -> None:
     from sourceflow.report import (
         image_grid_png,
         metrics_frame,
+        read_npz_rows,
         scatter_grid_png,
         training_curves_png,
         w2_vs_nfe_png,
@@ -91,7 +92,8 @@ def main() -> None:
     if logs:
         training_curves_png(out / "training_curves.png", logs)
     def first_seed_samples(ds: str, cols: list[str], key: str, limit: int | None = None) -> dict:
-        """Experiment → {sweep entry: array ``key`` of its samples.npz} of each experiment's first seed."""
+        """Experiment → {sweep entry: the first ``limit`` rows of array ``key`` of its samples.npz} of each
+        experiment's first seed; only those rows are read (a 50k-image arr_0 is ~10 GB)."""
         out: dict[str, dict] = {}
         for (d, exp), (_, run) in first_seed.items():
             if d == ds:
@@ -99,8 +101,7 @@ def main() -> None:
                 for c in cols:
                     f = run / "samples" / c / "samples.npz"
                     if f.exists():
-                        with np.load(f) as z:
-                            out[exp][c] = z[key][:limit]
+                        out[exp][c] = read_npz_rows(f, key, limit)
         return out
 
     data_paths = dict(item.split("=", 1) for item in a.data)
@@ -108,7 +109,8 @@ def main() -> None:
     for ds in sorted(df.dataset.unique()):
         if ds in data_paths:
             ref = load_points(data_paths[ds], "test").x.numpy()
-            scatter_grid_png(out / f"samples_{ds}.png", first_seed_samples(ds, cols, "x"), cols, ref, a.scatter_points)
+            scatter_grid_png(out / f"samples_{ds}.png", first_seed_samples(ds, cols, "x", a.scatter_points), cols, ref,
+                             a.scatter_points)
     grid_cols = [f"euler-{s}" for s in a.grid_steps]
     for ds, manifest in (item.split("=", 1) for item in a.images):
         tiles = first_seed_samples(ds, grid_cols, "arr_0", a.grid_images)
