@@ -14,7 +14,7 @@ rule align_captions:
     log:
         f"{R}/logs/{{dataset}}/align_captions.log",
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     resources:
         gpu=0,
         mem_mb=4000,
@@ -41,7 +41,7 @@ rule embed_captions:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/embed_captions_{{text_encoder}}.tsv"
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     resources:
         gpu=lambda wc: int(text_encoder_spec(wc)["kind"] == "clip"),
         mem_mb=8000,

@@ -10,9 +10,14 @@ sys.path.insert(0, workflow.basedir)
 from sourceflow.config import ConfigError, resolve_experiments  # noqa: E402
 from sourceflow.io import write_json  # noqa: E402
 
-# Jobs run `python` from the environment running Snakemake (the project's .venv), without putting its
-# absolute path into commands or params (which would rerun everything when the checkout moves).
-shell.prefix(f"set -euo pipefail; export PATH={os.path.dirname(sys.executable)}:$PATH; ")
+from snakemake.settings.types import DeploymentMethod  # noqa: E402
+
+from sourceflow.launch import job_shell_prefix  # noqa: E402
+
+# Without --sdm conda jobs run `python` from the environment running Snakemake (the project's .venv); under
+# --sdm conda the activated env's python (sourceflow.launch.job_shell_prefix says why).
+USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+shell.prefix(job_shell_prefix(USE_CONDA, os.path.dirname(sys.executable)))
 R = config["results"]
 NAME = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 

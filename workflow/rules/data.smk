@@ -10,7 +10,7 @@ rule make_toy_data:
     log:
         f"{R}/logs/{{dataset}}/make_toy_data.log",
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     resources:
         gpu=0,
         mem_mb=1000,
@@ -34,7 +34,7 @@ rule prepare_data:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/prepare_data.tsv"
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     threads: lambda wc: config["datasets"][wc.dataset].get("workers", 1)
     resources:
         gpu=0,

@@ -16,7 +16,7 @@ rule evaluate:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/{{exp}}/seed{{seed}}/evaluate.tsv"
     conda:
-        "../../envs/eval.yaml"
+        "../../envs/sourceflow.yaml"
     threads: 1
     resources:
         gpu=run_gpu("evaluate"),

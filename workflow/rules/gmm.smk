@@ -19,7 +19,7 @@ rule fit_cls_gmm:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/{{encoder}}/fit_cls_gmm_K{{K}}.tsv"
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     resources:
         gpu=gmm_gpu,
         mem_mb=8000,
@@ -47,7 +47,7 @@ rule build_spatial_gmm:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/{{encoder}}/build_spatial_gmm_K{{K}}.tsv"
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     resources:
         gpu=0,
         mem_mb=lambda wc: gmm_spec(wc)["memory_budget_mb"] + 4000,

@@ -19,7 +19,7 @@ rule extract_latents:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/{{encoder}}/extract_latents.tsv"
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     threads: lambda wc: encoder_spec(wc)["processes"]
     resources:
         gpu=lambda wc: int(encoder_spec(wc)["gpu"]) * encoder_spec(wc)["processes"],
@@ -73,7 +73,7 @@ rule latent_stats:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/{{encoder}}/latent_stats.tsv"
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     resources:
         gpu=0,
         mem_mb=latent_stats_mem_mb,

@@ -13,7 +13,7 @@ rule reference_stats:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/reference_stats.tsv"
     conda:
-        "../../envs/eval.yaml"
+        "../../envs/sourceflow.yaml"
     resources:
         gpu=0,
         mem_mb=2000,
@@ -37,7 +37,7 @@ rule train_feature_net:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/train_feature_net.tsv"
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     resources:
         gpu=0,
         mem_mb=2000,
@@ -61,7 +61,7 @@ rule reference_features:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/reference_{{features}}.tsv"
     conda:
-        "../../envs/eval.yaml"
+        "../../envs/sourceflow.yaml"
     resources:
         gpu=lambda wc: int(wc.features == "inception"),
         mem_mb=8000,

@@ -14,7 +14,7 @@ rule reflow_pairs:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/{{exp}}/seed{{seed}}/reflow_pairs.tsv"
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     threads: lambda wc: SPECS[wc.exp]["train"]["threads"]
     priority: 2
     resources:

@@ -32,7 +32,7 @@ rule report:
     benchmark:
         f"{R}/benchmarks/report.tsv"
     conda:
-        "../../envs/eval.yaml"
+        "../../envs/sourceflow.yaml"
     resources:
         gpu=0,
         mem_mb=2000,

@@ -17,7 +17,7 @@ rule sample:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/{{exp}}/seed{{seed}}/sample.tsv"
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     threads: lambda wc: SPECS[wc.exp]["train"]["threads"]
     priority: 1  # long jobs first, so the short ones fill both cores at the end
     resources:

@@ -20,7 +20,7 @@ rule train:
     benchmark:
         f"{R}/benchmarks/{{dataset}}/{{exp}}/seed{{seed}}/train.tsv"
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/sourceflow.yaml"
     threads: lambda wc: SPECS[wc.exp]["train"]["processes"] * SPECS[wc.exp]["train"]["threads"]
     priority: 2  # long jobs first, so the short ones fill both cores at the end
     resources:
