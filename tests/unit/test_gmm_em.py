@@ -296,3 +296,31 @@ def test_nonzero_rows_cols_equals_nonzero():
         r, c = nonzero_rows_cols(mask, k)
         r0, c0 = mask[:, :k].nonzero(as_tuple=True)
         assert torch.equal(r, r0) and torch.equal(c, c0)
+
+
+def test_bf16_screen_is_chosen_by_a_measured_probe_cached_per_machine(tmp_path, monkeypatch):
+    """The ISA flags are not enough (AVX512-BF16 without AMX made the screen slower on an AMD EPYC): the
+    screen is used where a bf16 product of its shape measured >= BF16_MIN_SPEEDUP faster, once per machine."""
+    from sourceflow.gmm import em
+
+    monkeypatch.setenv("SOURCEFLOW_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def timed(speedup):
+        def fake(dtype, rows, d, k, repeats):
+            calls.append(dtype)
+            return 1.0 if dtype == torch.float32 else 1.0 / speedup
+        return fake
+
+    for speedup, fast in ((4.0, True), (1.6, False)):
+        em.bf16_probe.cache_clear()
+        (tmp_path / "bf16_probe.json").unlink(missing_ok=True)
+        monkeypatch.setattr(em, "_time_matmul", timed(speedup))
+        r = em.bf16_probe()
+        assert r["fast"] is fast and r["speedup"] == pytest.approx(speedup)
+    # cached on disk: a new process (cleared memo) does not measure again
+    n = len(calls)
+    em.bf16_probe.cache_clear()
+    assert em.bf16_probe()["fast"] is False and len(calls) == n
+    assert em._cpu_key() in json.loads((tmp_path / "bf16_probe.json").read_text())
+    em.bf16_probe.cache_clear()
