@@ -95,9 +95,10 @@ def main() -> None:
     p.add_argument("--reg-covar", type=float, default=1e-6, help="added to every variance")
     p.add_argument("--backend", default="torch", choices=["torch", "sklearn"],
                    help="torch: chunked EM (CPU or CUDA); sklearn: GaussianMixture (full batch, CPU)")
-    p.add_argument("--init", default="auto", choices=["auto", "k-means++", "cuml"],
-                   help="torch backend: k-means++ seeds as sklearn; cuml: cuML KMeans labels (CUDA + cuML); "
-                        "auto: cuml when available on a CUDA device, else k-means++")
+    p.add_argument("--init", default="k-means++", choices=["auto", "k-means++", "cuml"],
+                   help="torch backend: k-means++ seeds as sklearn (the same on every machine); cuml: cuML KMeans "
+                        "labels (CUDA + cuML); auto: cuml when available on a CUDA device, else k-means++ (results "
+                        "then depend on the machine; the workflow passes the config's gmm.init)")
     p.add_argument("--chunk-rows", type=int, default=0,
                    help="rows per EM chunk (memory: chunk-rows x K values); 0 = about 256 MB per chunk")
     p.add_argument("--device", default="cpu", help="torch device for the torch backend (cpu, cuda, cuda:1)")
