@@ -76,13 +76,15 @@ def test_latent_stats_peak_does_not_grow_with_the_store(tmp_path, subset):
 
 
 CHILD = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from sourceflow.store.latents import LatentStore
 from sourceflow.store.stats import compute_latent_stats, subset_rows
 def maxrss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own peak RSS (getrusage's ru_maxrss carries the parent's peak across fork + exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 rss = []
 for path in sys.argv[2:]:
     store = LatentStore.open(path)
@@ -95,11 +97,13 @@ print(json.dumps(rss))
 """
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc for the peak RSS (VmHWM)")
 def test_latent_stats_max_rss_does_not_grow_with_the_store(tmp_path):
     """One child process computes the stats (a 64-image subset, then all rows; 16-row batches = 2 MiB in
-    float64) on a 12 MiB store, then on a 96 MiB one: its max RSS does not move (a read proportional to the
-    store would add ~84 MiB, one whole shard 16 MiB). Reading the big store whole afterwards does raise it
-    by ~96 MiB, so the measurement sees such growth."""
+    float64) on a 12 MiB store, then on a 96 MiB one: its max RSS grows by less than three 4 MiB chunks (a
+    read proportional to the store would add ~84 MiB). Measured: +4 MiB, and no more from 96 to 192 MiB
+    stores (+4 MiB steps until Zarr's I/O threads have each kept a chunk buffer). Reading the big store
+    whole afterwards does raise it by ~96 MiB, so the measurement sees such growth."""
     shape = (64, 16, 16)  # 64 KiB rows, the store's own chunking (64-row, 4 MiB chunks in 16 MiB shards)
     paths = []
     for m in (96, 768):
@@ -110,7 +114,7 @@ def test_latent_stats_max_rss_does_not_grow_with_the_store(tmp_path):
     small, big, whole = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"max RSS (MiB): after the 12 MiB store {small:.1f}, after the 96 MiB store {big:.1f}, "
           f"after reading it whole {whole:.1f}")
-    assert big - small < 8
+    assert big - small < 12
     assert whole - big > 64
 
 
