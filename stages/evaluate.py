@@ -73,7 +73,7 @@ def image_mode(a) -> None:
     spec = load_spec(a.spec)
     ev = spec["evaluate"]
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ref = read_reference_npz(a.reference)
+    ref = read_reference_npz(a.reference, keys=("features", "label_hist", "preprocessing"))  # not an ADM arr_0
     kind = ev["features"]  # inception (clean-fid "clean"), adm (clean-fid legacy_tensorflow) or feature-net
     flag = "feature-net" if kind == "feature-net" else "inception"
     path = a.feature_net if kind == "feature-net" else a.inception

@@ -65,7 +65,7 @@ def adm_mode(a) -> None:
     from sourceflow.metrics.features import ADMInceptionFeatures
     from sourceflow.metrics.frechet import read_reference_npz, save_reference_npz
 
-    arrays = read_reference_npz(a.adm_npz)
+    arrays = read_reference_npz(a.adm_npz, keys=("mu_s", "sigma_s"))  # not the batch's ~2 GB arr_0
     extra = {k: v for k, v in arrays.items() if k in ("mu_s", "sigma_s")}
     save_reference_npz(a.out, arrays["mu"], arrays["sigma"], **extra,
                        preprocessing=np.array(ADMInceptionFeatures.preprocessing))  # the features they match

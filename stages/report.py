@@ -77,7 +77,7 @@ def main() -> None:
     floors = {ds: read_json(path)["w2sq"] for ds, path in (item.split("=", 1) for item in a.reference)}
     fd_floors = {}
     for ds, path in (item.split("=", 1) for item in a.fd_reference):
-        ref = read_reference_npz(path)
+        ref = read_reference_npz(path, keys=("holdout_fd",))  # not the [n, F] features
         if "holdout_fd" in ref:
             fd_floors[ds] = float(ref["holdout_fd"])
     if (df.metric == "w2sq").any():

@@ -140,14 +140,20 @@ def save_reference_npz(path: str | Path, mu: np.ndarray, sigma: np.ndarray, feat
         np.savez(f, **arrays)
 
 
-def read_reference_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Every array of a reference npz (ours or an ADM reference batch), ``mu``/``sigma`` validated."""
+def read_reference_npz(path: str | Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a reference npz (ours or an ADM reference batch), ``mu``/``sigma`` validated.
+
+    ``keys``: read only these arrays (those present) besides ``mu`` and ``sigma``; npz members are read
+    when accessed, so an ADM batch's ~2 GB ``arr_0`` or our [n, 2048] ``features`` stay on disk unless
+    asked for. None reads every array.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            want = z.files if keys is None else [k for k in z.files if k in ("mu", "sigma", *keys)]
+            arrays = {k: z[k] for k in want}
     except ValueError as e:  # not a zip, or object arrays that need pickle
         raise ValueError(f"{path}: not a readable npz of plain arrays ({e})") from None
     for key in ("mu", "sigma"):

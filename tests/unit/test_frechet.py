@@ -151,3 +151,15 @@ def test_reference_npz_roundtrip_and_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.npz"):
         load_reference_npz(tmp_path / "junk.npz")
+
+
+def test_reference_npz_reads_only_the_arrays_asked_for(tmp_path):
+    """An ADM reference batch holds ~2 GB of images (arr_0) beside mu / sigma: readers that need the
+    statistics only must not load them."""
+    from sourceflow.metrics.frechet import read_reference_npz
+
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=np.zeros(3), sigma=np.eye(3), mu_s=np.ones(2), arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    some = read_reference_npz(path, keys=("mu_s", "holdout_fd"))
+    assert sorted(some) == ["mu", "mu_s", "sigma"]
+    assert sorted(read_reference_npz(path)) == ["arr_0", "mu", "mu_s", "sigma"]
