@@ -195,23 +195,9 @@ def test_minilm_matches_sentence_transformers(minilm):
 
 def tiny_clip(path: Path) -> Path:
     """A random 2-layer CLIP text model with a character-level BPE tokenizer, saved like a real one."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from sourceflow.standins import save_clip_text
 
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,!-'"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    merges = [("c", "a"), ("ca", "t</w>")]
-    vocab["ca"], vocab["cat</w>"] = len(vocab), len(vocab) + 1
-    tok = CLIPTokenizer(vocab=vocab, merges=merges)
-    tok.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1, projection_dim=16)
-    CLIPTextModel(cfg).save_pretrained(path)
-    return path
+    return save_clip_text(path)
 
 
 def test_clip_round_trip(tmp_path):

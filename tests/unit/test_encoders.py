@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from sourceflow import standins
 from sourceflow.encoders import ImageEncoder, load_encoder
 
 R = 42  # 3 x 3 patches of 14 px: a non-trivial grid, so a transposed patch order would show
@@ -19,27 +20,15 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def _perturb_layernorms(model: torch.nn.Module) -> None:
-    """Random LayerNorm affines, so "with affine" and "without affine" give different tokens."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
-                m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict:
     """Tiny models saved to folders: {name: path}."""
     import transformers as tf
-    from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("weights")
     models = {
-        "dinov2_reg": tf.Dinov2WithRegistersModel(
-            tf.Dinov2WithRegistersConfig(image_size=R, patch_size=PATCH, num_register_tokens=4, **TINY)),
+        "dinov2_reg": standins.dinov2_registers(R, PATCH, num_register_tokens=4, seed=None, **TINY),
         "dinov2_plain": tf.Dinov2Model(tf.Dinov2Config(image_size=R, patch_size=PATCH, **TINY)),
         "siglip2_naflex": tf.Siglip2VisionModel(tf.Siglip2VisionConfig(num_patches=16, patch_size=PATCH, **TINY)),
         "siglip2_full": tf.Siglip2Model(tf.Siglip2Config(
@@ -52,14 +41,9 @@ def weights(tmp_path_factory) -> dict:
     }
     paths = {}
     for name, model in models.items():
-        _perturb_layernorms(model)
-        paths[name] = root / name
-        model.save_pretrained(paths[name])
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, sample_size=R, scaling_factor=0.5)
-    paths["vae"] = root / "vae"
-    vae.save_pretrained(paths["vae"])
+        paths[name] = standins.save_pretrained(standins.randomize_layernorms(model), root / name)
+    vae = standins.autoencoder_kl(R, (8, 16), latent_channels=4, norm_num_groups=4, scaling_factor=0.5, seed=None)
+    paths["vae"] = standins.save_pretrained(vae, root / "vae")
     return paths
 
 

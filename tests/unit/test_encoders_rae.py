@@ -8,32 +8,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sourceflow import standins
 from sourceflow.encoders import ImageEncoder, load_encoder
 
 R = 12  # dataset side = the tiny decoder's output side (3 x 3 patches of 4 px)
 C = 64  # AutoencoderRAE builds its encoder with head_dim 64: hidden 64 = one attention head
 G = 3  # encoder grid: 42 px input / 14 px patches
-TINY = dict(encoder_hidden_size=C, encoder_num_hidden_layers=1, decoder_hidden_size=32, decoder_num_hidden_layers=1,
-            decoder_num_attention_heads=2, decoder_intermediate_size=64, patch_size=4)
+TINY = dict(encoder_num_hidden_layers=1, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2, decoder_intermediate_size=64, decoder_patch_size=4)
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-KINDS = {"dinov2": dict(encoder_patch_size=14, encoder_input_size=14 * G),
-         "siglip2": dict(encoder_patch_size=16, encoder_input_size=16 * G),
-         "mae": dict(encoder_patch_size=16, encoder_input_size=16 * G)}
+KINDS = {"dinov2": 14, "siglip2": 16, "mae": 16}  # encoder patch size per encoder type
 
 
 def build_rae(kind: str, folder) -> None:
     """A tiny RAE of ``kind`` with non-trivial latent statistics and scaling, saved to ``folder``."""
-    from diffusers import AutoencoderRAE
-
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    rae = AutoencoderRAE(encoder_type=kind, latents_mean=0.3 * torch.randn(C, G, G, generator=g),
-                         latents_std=0.5 + torch.rand(C, G, G, generator=g), scaling_factor=0.7,
-                         **TINY, **KINDS[kind])
-    rae.save_pretrained(folder)
+    standins.save_pretrained(standins.autoencoder_rae(kind, grid=G, encoder_patch_size=KINDS[kind], encoder_hidden_size=C,
+                                                      scaling_factor=0.7, **TINY), folder)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,10 @@ uint8 images, the ``inception`` ("clean") features do not, both sides of an adm 
 extractor, evaluate records the preprocessing and refuses mismatched statistics, and samples become uint8
 by truncation as in ADM's and MM-FM's samplers.
 
-The Inception file is a small TorchScript stand-in with the interface ``InceptionV3W`` uses of the real
-``inception-2015-12-05.pt``: ``base(x, return_features=True)`` (resize to 299 and normalise inside, used
-with ``resize_inside=True``) and ``base.layers`` (normalised 299² input, used by the "clean" path).
+The Inception file is ``sourceflow.standins.TFResizeInception``, a small TorchScript stand-in with the
+interface ``InceptionV3W`` uses of the real ``inception-2015-12-05.pt``: ``base(x, return_features=True)``
+(resize to 299 and normalise inside, used with ``resize_inside=True``) and ``base.layers`` (normalised 299²
+input, used by the "clean" path).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sourceflow.data.images import to_model_range, to_uint8
 from sourceflow.metrics.features import (
@@ -33,37 +33,13 @@ from sourceflow.metrics.features import (
     load_feature_extractor,
 )
 from sourceflow.metrics.frechet import read_reference_npz, save_reference_npz
-
-
-class TFResizeInception(nn.Module):
-    """Stand-in for the real TorchScript Inception. ``forward(img, return_features)`` does what the real
-    file does before its layers: a TF-style bilinear resize of float [0, 255] images to 299² (affine grid,
-    half-pixel offset, border padding), then (x − 128) / 128. ``layers`` keeps a 4×4 spatial grid of
-    features (128 channels × 16 cells = 2048) so resize details change the output."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Conv2d(3, 128, kernel_size=5, stride=4), nn.Tanh(), nn.AdaptiveAvgPool2d(4),
-                                    nn.Flatten(), nn.Unflatten(1, (2048, 1, 1)))
-
-    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        b, c, h, w = img.shape
-        x = img.to(torch.float32)
-        theta = torch.eye(2, 3, device=x.device)
-        theta[0, 2] += theta[0, 0] / w - theta[0, 0] / 299
-        theta[1, 2] += theta[1, 1] / h - theta[1, 1] / 299
-        grid = F.affine_grid(theta.unsqueeze(0).repeat(b, 1, 1), [b, c, 299, 299], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return self.layers((x - 128) / 128)
+from sourceflow.standins import save_inception
 
 
 @pytest.fixture(scope="module")
 def inception_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tf_inception")
-    with warnings.catch_warnings():  # torch ≥ 2.10 deprecates TorchScript; clean-fid's file is TorchScript
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(TFResizeInception().eval()).save(str(folder / INCEPTION_FILENAME))
+    save_inception(folder / INCEPTION_FILENAME, seed=0)  # the TF-resize stand-in (sourceflow.standins)
     return folder
 
 
