@@ -105,8 +105,7 @@ def image_mode(a) -> None:
         mt = {"path_energy": normalized_path_energy(np.asarray(z["energy"][:]), np.asarray(z["displacement"][:])),
               "nfe": info["nfe"], "coupling_cost": summary["coupling_cost"], "num_samples": info["num_samples"]}
         if info["num_samples"] >= ev["min_samples"]:
-            with np.load(d / "samples.npz") as f:
-                images = f["arr_0"]
+            images = z["images"]  # the complete sample store, read a batch at a time (the npz holds the same bytes)
             feats = extract_features(extractor, images, ev["batch_size"])
             st = FeatureStats(extractor.dim)
             st.update(feats.features)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -206,16 +206,20 @@ def load_feature_extractor(kind: str, path: str | Path, device: str | torch.devi
     raise ValueError(f"unknown feature extractor {kind!r} (choose inception, adm or feature-net)")
 
 
-def extract_features(extractor: FeatureExtractor, images_uint8: np.ndarray, batch_size: int = 256,
+def extract_features(extractor: FeatureExtractor, images_uint8: Any, batch_size: int = 256,
                      desc: str | None = None) -> FeatureBatch:
-    """Features (and predicted labels) of an in-memory uint8 [N, H, W, 3] array, e.g. ``arr_0`` of a
-    samples.npz, in batches; a tqdm bar on stderr when ``desc`` is given."""
+    """Features (and predicted labels) of uint8 [N, H, W, 3] images in batches: an in-memory array, or any
+    array that reads rows by slicing (a Zarr array: the sample store), so only one batch of images is in
+    memory at a time (50k ImageNet samples are 9.8 GB); a tqdm bar on stderr when ``desc`` is given."""
     from tqdm import tqdm
 
-    images = _check_uint8_nhwc(images_uint8)
+    shape, dtype = tuple(images_uint8.shape), np.dtype(images_uint8.dtype)
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [B, H, W, 3], got {dtype} {shape}")
+    images = images_uint8
     feats, labels = [], []
-    for s in tqdm(range(0, len(images), batch_size), desc=desc, file=sys.stderr, mininterval=1.0, disable=desc is None):
-        out = extractor(images[s:s + batch_size])
+    for s in tqdm(range(0, shape[0], batch_size), desc=desc, file=sys.stderr, mininterval=1.0, disable=desc is None):
+        out = extractor(np.asarray(images[s:s + batch_size]))
         feats.append(out.features)
         if out.labels is not None:
             labels.append(out.labels)

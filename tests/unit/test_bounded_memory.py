@@ -226,3 +226,22 @@ def test_report_stage_grid_is_the_one_a_whole_array_read_draws(tmp_path, monkeyp
     new = draw(tmp_path / "new", lambda p, k, stop=None: calls.append(stop) or real(p, k, stop))
     assert calls == [9] * 4
     assert draw(tmp_path / "old", whole) == new
+
+
+def test_npz_written_row_chunk_by_chunk_loads_as_np_savez_wrote_it(tmp_path):
+    """The sample stage streams a store into samples.npz (ADM's arr_0 layout) without holding all images."""
+    import zarr
+
+    from sourceflow.io import write_npz_rows
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (37, 8, 8, 3), dtype=np.uint8)
+    z = zarr.create_array(str(tmp_path / "s.zarr"), shape=images.shape, chunks=(5, 8, 8, 3), dtype="uint8")
+    z[:] = images
+    label = np.arange(37, dtype=np.int64)
+    write_npz_rows(tmp_path / "a.npz", {"arr_0": z, "label": label, "scalar": np.float32(3.5)}, chunk_bytes=700)
+    np.savez(tmp_path / "b.npz", arr_0=images, label=label, scalar=np.float32(3.5))
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert a.files == b.files
+        for k in a.files:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and np.array_equal(a[k], b[k])
