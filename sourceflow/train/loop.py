@@ -11,6 +11,10 @@ Data parallelism. Each step takes a global batch of ``batch_size`` dataset indic
 loads rows [r·b, (r+1)·b) of it (the data are sharded). Methods that couple across the batch (OT,
 LOOM, C2OT) gather the global batch, compute the same assignment on every process and each keeps
 its own rows; so LOOM's cache stays identical on every process.
+
+Stop signals. SIGUSR1, SIGTERM and SIGURG (the one SLURM sends before the wall time, see
+profiles/slurm) make the loop finish the current step, checkpoint and end the process with
+``EXIT_INTERRUPTED``: a failed attempt for Snakemake, whose resubmission resumes exactly from there.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import hashlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -219,6 +226,52 @@ def _trim_log(path: Path, last_step: int) -> None:
         tmp.write_text("".join(ln + "\n" for ln in keep))
 
 
+# SIGURG: ignored by default by every process SLURM signals in a job step (the job's snakemake, its bash,
+# torchrun), so it reaches the trainer without ending them first; SIGUSR1 would kill the job's snakemake.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGURG)
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on purpose at a checkpoint; a rerun resumes
+
+
+class Interrupted(SystemExit):
+    """Raised by ``train`` after it checkpointed at ``step`` on a stop signal: ends the process with
+    ``EXIT_INTERRUPTED`` (non-zero, so Snakemake counts a failed attempt and retries it)."""
+
+    def __init__(self, step: int, signame: str):
+        super().__init__(EXIT_INTERRUPTED)
+        self.step, self.signame = step, signame
+
+
+class StopSignals:
+    """Records the first stop signal while training (handlers only set a flag; the loop acts at the end
+    of a step). Installed from the main thread only; the previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+    def _record(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def agreed(self, acc: Accelerator, world: int) -> int | None:
+        """The signal to stop on after this step, the same on every process (any process's signal stops
+        all of them at one step, as a checkpoint needs); None to go on. Several processes: one gather."""
+        if world == 1:
+            return self.signum
+        got = acc.gather(torch.tensor([self.signum or 0], device=acc.device))
+        return int(got.max()) or None
+
+
 def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: TrainSettings, seed: int,
           out_dir: str | Path, run_hash: str, resume: bool = True, accelerator: Accelerator | None = None,
           progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
@@ -226,8 +279,18 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
 
     ``model.safetensors`` holds the EMA weights (``model.*``) and the method state (``method.*``, with
     the EMA of a learned source). ``stop_after`` ends the process after that many steps without
-    writing final outputs (for tests of the resume path; a kill does the same).
+    writing final outputs (for tests of the resume path; a kill does the same). A stop signal
+    (``STOP_SIGNALS``) checkpoints at the end of the current step and raises ``Interrupted``.
     """
+    with StopSignals() as stop:
+        return _train(model, method, data, settings, seed, out_dir, run_hash, resume, accelerator, progress,
+                      stop_after, stop)
+
+
+def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: TrainSettings, seed: int,
+           out_dir: str | Path, run_hash: str, resume: bool, accelerator: Accelerator | None, progress: bool,
+           stop_after: int | None, stop: StopSignals) -> dict[str, Any]:
+    """``train``, with the stop-signal flag of its caller."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -329,7 +392,9 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
                 with torch.no_grad():
                     chunk_pair = method.pair(_gather_batch(acc, cb), step_generator(seed, chunk_id, "pair-chunk"))
             nxt = (chunk_id + 1) * plan.k
-            if prefetch is not None and nxt < settings.steps and nxt % settings.checkpoint_every and _idle_core():
+            # no prefetch once a stop signal came: the checkpoint it ends with must not hold the next chunk's pairing
+            if (prefetch is not None and stop.signum is None and nxt < settings.steps and nxt % settings.checkpoint_every
+                    and _idle_core()):
                 pending[chunk_id + 1] = prefetch.submit(pair_chunk, chunk_id + 1, plan.chunk_indices(chunk_id + 1))
         opt.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
@@ -394,6 +459,19 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
             if prefetch is not None:
                 prefetch.shutdown(wait=True)
             return {"stopped_at": done}
+        signum = stop.agreed(acc, world)
+        # at a pairing boundary with no pairing in flight, so that a resume re-pairs from the saved coupling state
+        if signum is not None and done < settings.steps and done % plan.k == 0 and not pending:
+            if done % settings.checkpoint_every:
+                save(done)
+            bar.close()
+            if prefetch is not None:
+                prefetch.shutdown(wait=True)
+            name = signal.Signals(signum).name
+            if acc.is_main_process:
+                print(f"stopped on {name} after step {done}: checkpoint in {ckpt_dir} (a rerun resumes there)",
+                      file=sys.stderr, flush=True)
+            raise Interrupted(done, name)
     bar.close()
     if prefetch is not None:
         prefetch.shutdown(wait=True)
