@@ -212,8 +212,23 @@ def run_gpu(stage):
     return gpu
 
 
+def one_node(exp, resources):
+    """Refuse multi-node training with one line naming the key: a training job is one torchrun --standalone
+    on one node, so nodes > 1, or more train.gpus than a node has (resource gpus_per_node, set in
+    profiles/slurm), would not run."""
+    nodes = resources.get("nodes", 1)
+    if nodes > 1:
+        raise WorkflowError(f"train of {exp}: resource nodes={nodes}, but multi-node training is not supported "
+                            "(one torchrun --standalone per job): set nodes=1")
+    per_node = resources.get("gpus_per_node", 0)
+    if per_node and resources.gpu > per_node:
+        raise WorkflowError(f"experiment {exp}: train.gpus = {resources.gpu} is more than the {per_node} GPUs of one "
+                            "node (gpus_per_node in profiles/slurm); multi-node training is not supported")
+
+
 def train_launcher(wc, resources):
-    """python, or torchrun for several processes (gloo on CPU, one process per GPU on GPU nodes)."""
+    """python, or torchrun for several processes (gloo on CPU, one process per GPU on GPU nodes); one node."""
+    one_node(wc.exp, resources)
     procs = SPECS[wc.exp]["train"]["processes"]
     if resources.gpu > 1:
         return f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"

@@ -25,6 +25,7 @@ rule train:
     priority: 2  # long jobs first, so the short ones fill both cores at the end
     resources:
         gpu=run_gpu("train"),
+        nodes=1,  # torchrun --standalone: one task on one node (multi-node training is refused by the launcher)
         mem_mb=4000,
         runtime=120,
     shell:
