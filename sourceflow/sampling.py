@@ -116,8 +116,7 @@ def write_sample_store(path: Path, identity: dict, arrays: dict[str, tuple], sha
     """
     import shutil
 
-    from tqdm import tqdm
-
+    from sourceflow.progress import bar
     from sourceflow.store.sharded import ShardedWriter, create_sharded_group, jsonable
 
     path = Path(path)
@@ -141,7 +140,7 @@ def write_sample_store(path: Path, identity: dict, arrays: dict[str, tuple], sha
         for s in mine[:max_shards]:
             writer.write_shard(s, make_shard(s, *writer.shard_range(s)))
         return "stopped"
-    for s in tqdm(mine, desc=path.parent.name, unit="shard", disable=not progress or not mine):
+    for s in bar(mine, desc=f"sample {path.parent.name}", unit="shard", disable=not progress or not mine):
         a, b = writer.shard_range(s)
         writer.write_shard(s, make_shard(s, a, b))
     barrier()

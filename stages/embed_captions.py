@@ -54,11 +54,11 @@ def main() -> None:
     import pandas as pd
     import torch
     import zarr
-    from tqdm import tqdm
 
     from sourceflow.data.manifest import manifest_hash, read_manifest
     from sourceflow.encoders.text import load_text_encoder
     from sourceflow.io import read_json, replace_dir
+    from sourceflow.progress import bar
 
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {a.batch_size}")
@@ -108,8 +108,7 @@ def main() -> None:
                  "aligned": str(aligned_path), "complete": False}
         g.attrs.update(attrs)
         arrs["index"][:] = index
-        for start in tqdm(range(0, n, a.batch_size), desc=f"embedding captions ({enc.name})", unit="batch",
-                          file=sys.stderr, mininterval=1.0):
+        for start in bar(range(0, n, a.batch_size), desc=f"embedding captions ({enc.name})", unit="batch"):
             stop = min(n, start + a.batch_size)
             tokens, mask, pooled = enc.encode(texts[start:stop])
             arrs["tokens"][start:stop] = tokens.cpu().numpy()

@@ -118,12 +118,12 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from tqdm import tqdm
 
     from sourceflow.data.images import BadImageError, to_model_range
     from sourceflow.data.manifest import manifest_hash, read_manifest
     from sourceflow.encoders import load_encoder
     from sourceflow.io import read_json, write_json
+    from sourceflow.progress import bar as progress_bar
     from sourceflow.store.latents import (
         LAYOUT_VERSION,
         LatentStore,
@@ -201,7 +201,7 @@ def main() -> None:
                                          num_workers=a.workers, collate_fn=collate,
                                          persistent_workers=False, prefetch_factor=4 if a.workers else None)
     rows_mine = sum(len(b) for b in batches)
-    bar = tqdm(total=rows_mine, desc=f"extract {a.encoder}", unit="img", disable=dist.rank != 0, file=sys.stderr)
+    bar = progress_bar(total=rows_mine, desc=f"extract {a.encoder}", unit="img", disable=dist.rank != 0)
     t_start = time.perf_counter()
     t_load = t_encode = 0.0
     shards_out = ShardWriter(writer, a.stop_after_shards)

@@ -40,19 +40,19 @@ def load_store_cls(path: str):
     """(cls [M, D] float32 tensor of the unflipped rows, manifest index [M] int64) of a complete store."""
     import numpy as np
     import torch
-    from tqdm import tqdm
 
+    from sourceflow.progress import bar
     from sourceflow.store.latents import LatentStore
 
     store = LatentStore.open(path)
     m = store.num_images
     cls = np.empty((m, store.cls_dim), dtype=np.float32)
     index = np.empty(m, dtype=np.int64)
-    with tqdm(total=m, desc="read cls", unit="row", file=sys.stderr) as bar:
+    with bar(total=m, desc="read cls", unit="row") as pbar:
         for first, arrays in store.iter_batches(["cls", "index"], store.shard_rows, 0, m):
             cls[first:first + len(arrays["cls"])] = arrays["cls"]
             index[first:first + len(arrays["index"])] = arrays["index"]
-            bar.update(len(arrays["cls"]))
+            pbar.update(len(arrays["cls"]))
     if not np.isfinite(cls).all():
         raise ValueError(f"{path}: the cls array holds non-finite values")
     return torch.from_numpy(cls), index

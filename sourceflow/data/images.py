@@ -6,7 +6,6 @@ Model range is [-1, 1] channels-first float32; stored and sampled images are uin
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -115,11 +114,11 @@ def iter_image_batches(manifest: Manifest, resolution: int, batch_size: int, wor
     (Pillow releases the GIL), with a tqdm bar on stderr when ``desc`` is given."""
     from multiprocessing.pool import ThreadPool
 
-    from tqdm import tqdm
+    from sourceflow.progress import bar as progress_bar
 
     n = len(manifest.frame)
     paths = [manifest.abspath(i) for i in range(n)]
-    bar = tqdm(total=n, desc=desc, unit="img", file=sys.stderr, mininterval=1.0, disable=desc is None)
+    bar = progress_bar(total=n, desc=desc, unit="img", disable=desc is None)
     with ThreadPool(max(1, workers)) as pool, bar:
         for start in range(0, n, batch_size):
             chunk = paths[start:start + batch_size]

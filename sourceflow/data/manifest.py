@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,18 +190,17 @@ def check_images(root: Path, paths: list[str], workers: int, desc: str = "decodi
     """
     from multiprocessing.pool import ThreadPool
 
-    from tqdm import tqdm
+    from sourceflow.progress import bar
 
     full = [root / p for p in paths]
     errors: list[str | None] = []
     sizes: list[tuple[int, int]] = []
     chunk = max(1, min(64, len(full) // (8 * max(1, workers)) or 1))
-    with ThreadPool(max(1, workers)) as pool, tqdm(total=len(full), desc=desc, unit="img", file=sys.stderr,
-                                                      mininterval=1.0) as bar:
+    with ThreadPool(max(1, workers)) as pool, bar(total=len(full), desc=desc, unit="img") as pbar:
         for err, size in pool.imap(_check_one, full, chunksize=chunk):
             errors.append(err)
             sizes.append(size)
-            bar.update(1)
+            pbar.update(1)
     return errors, sizes
 
 

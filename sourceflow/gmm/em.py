@@ -46,7 +46,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -689,7 +688,7 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
             gmm = init_from_rows(x_seed - shift if shift is not None else x_seed, n, reg_covar)
     init_seconds = time.perf_counter() - t0
 
-    from tqdm import tqdm
+    from sourceflow.progress import bar as progress_bar
 
     trace: list[float] = []
     dense_share: list[float] = []
@@ -698,7 +697,7 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
     ws = Workspace()
     converged = False
     prev = -math.inf
-    bar = tqdm(range(1, max_iter + 1), desc=f"EM K={k}", disable=not progress, file=sys.stderr)
+    bar = progress_bar(range(1, max_iter + 1), desc=f"EM K={k}", unit="iteration", disable=not progress)
     n_iter = 0
     for n_iter in bar:
         st = e_step_stats(gmm, rows, chunk_rows=chunk_rows, device=device, dtype=dtype, shift=_cast(shift, dtype),

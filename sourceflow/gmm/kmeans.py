@@ -15,7 +15,6 @@ multiply-adds each — fine on a GPU at ImageNet scale (1.28M × 768, K = 8192),
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -123,10 +122,10 @@ def kmeans_plusplus(data: torch.Tensor | np.ndarray | Reader | Rows, n_clusters:
         closest[s:s + len(x)] = _sq_dist(c0, c0_norm, x, x_norm[s:s + len(x)])[0]
     pot = closest.sum()
 
-    from tqdm import tqdm
+    from sourceflow.progress import bar
 
     dist = torch.empty(trials, n, dtype=f64, device=device)
-    for c in tqdm(range(1, n_clusters), desc="k-means++", disable=not progress, file=sys.stderr):
+    for c in bar(range(1, n_clusters), desc="k-means++", unit="centre", disable=not progress):
         rand = torch.from_numpy(rs.uniform(size=trials)).to(device) * pot
         cand = torch.searchsorted(torch.cumsum(closest, 0), rand).clamp_max_(n - 1)
         cx = rows.take(cand).to(device, f64)

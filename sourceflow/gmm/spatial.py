@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -171,11 +170,11 @@ def accumulate(batches: Iterator[tuple[np.ndarray, np.ndarray]], normalize: Call
     """One pass over ``(index [B], spatial [B, C, H, W])`` batches of *unflipped* images: normalize, look
     up each image's mode, accumulate; with ``flips`` also ``torch.flip`` of each normalized latent along
     W, in the same mode (MM-FM's flipped copies; see the module docstring)."""
-    from tqdm import tqdm
+    from sourceflow.progress import bar as progress_bar
 
     sums = ModeSums(k, d, variance, memory_budget_bytes, tmp_dir)
     try:
-        with tqdm(total=total_rows, desc="spatial GMM", unit="row", disable=not progress, file=sys.stderr) as bar:
+        with progress_bar(total=total_rows, desc="spatial GMM", unit="row", disable=not progress) as bar:
             for index, spatial in batches:
                 if index.max(initial=-1) >= len(label_of) or (label_of[index] < 0).any():
                     bad = next(int(i) for i in index if i >= len(label_of) or label_of[i] < 0)

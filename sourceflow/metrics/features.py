@@ -20,7 +20,6 @@ the weights file is never downloaded here: it is read from a configured path.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -211,14 +210,14 @@ def extract_features(extractor: FeatureExtractor, images_uint8: Any, batch_size:
     """Features (and predicted labels) of uint8 [N, H, W, 3] images in batches: an in-memory array, or any
     array that reads rows by slicing (a Zarr array: the sample store), so only one batch of images is in
     memory at a time (50k ImageNet samples are 9.8 GB); a tqdm bar on stderr when ``desc`` is given."""
-    from tqdm import tqdm
+    from sourceflow.progress import bar
 
     shape, dtype = tuple(images_uint8.shape), np.dtype(images_uint8.dtype)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
         raise ValueError(f"expected uint8 images [B, H, W, 3], got {dtype} {shape}")
     images = images_uint8
     feats, labels = [], []
-    for s in tqdm(range(0, shape[0], batch_size), desc=desc, file=sys.stderr, mininterval=1.0, disable=desc is None):
+    for s in bar(range(0, shape[0], batch_size), desc=desc, unit="batch", disable=desc is None):
         out = extractor(np.asarray(images[s:s + batch_size]))
         feats.append(out.features)
         if out.labels is not None:

@@ -211,9 +211,9 @@ def compute_latent_stats(store, batch_rows: int = 1024, progress: bool = False, 
     total = store.num_rows if rows is None else len(rows)
     bar = None
     if progress:  # a bar updated by hand: tqdm wrapping the iterator would keep the last batch alive
-        from tqdm import tqdm
+        from sourceflow.progress import bar as progress_bar
 
-        bar = tqdm(total=-(-total // batch_rows), desc="latent stats", unit="batch")
+        bar = progress_bar(total=-(-total // batch_rows), desc="latent stats", unit="batch")
     for r, x in iter_row_batches(store, "spatial", batch_rows, rows):
         if rows is not None:
             flip = np.empty(len(r), np.uint8)

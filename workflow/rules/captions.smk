@@ -13,6 +13,8 @@ rule align_captions:
         cap=lambda wc: {k: v for k, v in caption_spec(wc).items() if k != "text_encoders"},
     log:
         f"{R}/logs/{{dataset}}/align_captions.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/align_captions.tsv"
     conda:
         "../../envs/sourceflow.yaml"
     resources:
@@ -42,6 +44,7 @@ rule embed_captions:
         f"{R}/benchmarks/{{dataset}}/embed_captions_{{text_encoder}}.tsv"
     conda:
         "../../envs/sourceflow.yaml"
+    threads: 4
     resources:
         gpu=lambda wc: int(text_encoder_spec(wc)["kind"] == "clip"),
         mem_mb=8000,
@@ -49,4 +52,4 @@ rule embed_captions:
     shell:
         "python stages/embed_captions.py --aligned {input.aligned} --manifest {input.manifest} --split train "
         "--text-encoder {params.te[kind]} {params.weights} --max-length {params.te[max_length]} "
-        "--batch-size {params.te[batch_size]} --device {params.device} --out {output} > {log} 2>&1"
+        "--batch-size {params.te[batch_size]} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"

@@ -9,6 +9,8 @@ rule make_toy_data:
         ds=lambda wc: config["datasets"][wc.dataset],
     log:
         f"{R}/logs/{{dataset}}/make_toy_data.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/make_toy_data.tsv"
     conda:
         "../../envs/sourceflow.yaml"
     resources:

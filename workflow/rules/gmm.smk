@@ -20,13 +20,14 @@ rule fit_cls_gmm:
         f"{R}/benchmarks/{{dataset}}/{{encoder}}/fit_cls_gmm_K{{K}}.tsv"
     conda:
         "../../envs/sourceflow.yaml"
+    threads: 8  # torch threads of the chunked EM on CPU (Snakemake scales it down to --cores)
     resources:
         gpu=gmm_gpu,
         mem_mb=8000,
         runtime=240,
     shell:
         "python stages/fit_cls_gmm.py {params.args} --components {wildcards.K} --device {params.device} "
-        "--out {output.gmm} > {log} 2>&1"
+        "--threads {threads} --out {output.gmm} > {log} 2>&1"
 
 
 rule build_spatial_gmm:
@@ -48,6 +49,7 @@ rule build_spatial_gmm:
         f"{R}/benchmarks/{{dataset}}/{{encoder}}/build_spatial_gmm_K{{K}}.tsv"
     conda:
         "../../envs/sourceflow.yaml"
+    threads: 8
     resources:
         gpu=0,
         mem_mb=lambda wc: gmm_spec(wc)["memory_budget_mb"] + 4000,
@@ -55,4 +57,4 @@ rule build_spatial_gmm:
     shell:
         "python stages/build_spatial_gmm.py --store {params.store} --stats {input.stats} --cls-gmm {input.gmm} "
         "--labels {input.labels} --variance {params.variance} --memory-budget-mb {params.budget} "
-        "--out {output.gmm} > {log} 2>&1"
+        "--threads {threads} --out {output.gmm} > {log} 2>&1"

@@ -74,10 +74,11 @@ rule latent_stats:
         f"{R}/benchmarks/{{dataset}}/{{encoder}}/latent_stats.tsv"
     conda:
         "../../envs/sourceflow.yaml"
+    threads: 4
     resources:
         gpu=0,
         mem_mb=latent_stats_mem_mb,
         runtime=120,
     shell:
         "python stages/latent_stats.py --store {params.store} --normalize {params.normalize} --eps {params.eps} "
-        "{params.subset}--batch-rows {params.batch_rows} --out {output} > {log} 2>&1"
+        "{params.subset}--batch-rows {params.batch_rows} --threads {threads} --out {output} > {log} 2>&1"

@@ -38,6 +38,7 @@ rule train_feature_net:
         f"{R}/benchmarks/{{dataset}}/train_feature_net.tsv"
     conda:
         "../../envs/sourceflow.yaml"
+    threads: 2  # the feature net is deterministic for a fixed thread count
     resources:
         gpu=0,
         mem_mb=2000,
@@ -45,7 +46,7 @@ rule train_feature_net:
     shell:
         "python stages/train_feature_net.py --manifest {input.manifest} --resolution {params.res} "
         "--epochs {params.fn[epochs]} --batch-size {params.fn[batch_size]} --lr {params.fn[lr]} "
-        "--seed {params.seed} --out {output.net} > {log} 2>&1"
+        "--seed {params.seed} --threads {threads} --out {output.net} > {log} 2>&1"
 
 
 rule reference_features:
@@ -62,9 +63,10 @@ rule reference_features:
         f"{R}/benchmarks/{{dataset}}/reference_{{features}}.tsv"
     conda:
         "../../envs/sourceflow.yaml"
+    threads: 4
     resources:
         gpu=lambda wc: int(wc.features == "inception"),
         mem_mb=8000,
         runtime=120,
     shell:
-        "python stages/reference_stats.py {params.args} --device {params.device} --out {output} > {log} 2>&1"
+        "python stages/reference_stats.py {params.args} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"

@@ -26,4 +26,4 @@ rule sample:
         runtime=30,
     shell:
         "python stages/sample.py --spec {input.spec} {params.data} --model {input.model} {params.guide} "
-        "--out {params.out} --seed {wildcards.seed} --threads {params.threads} --no-progress > {log} 2>&1"
+        "--out {params.out} --seed {wildcards.seed} --threads {params.threads} > {log} 2>&1"

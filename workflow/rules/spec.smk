@@ -14,5 +14,7 @@ rule experiment_spec:
         spec_hash=lambda wc: stage_spec_hash(wc.exp, wc.stage),
     log:
         f"{R}/logs/{{dataset}}/{{exp}}/spec_{{stage}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/{{exp}}/spec_{{stage}}.tsv"
     run:
         write_stage_spec(wildcards.exp, wildcards.stage, output[0], log[0])
