@@ -76,6 +76,9 @@ def run(a) -> None:
     sampler.start()
     phases = []
     seed0 = {e["name"]: str(e["dir"] / "seed0" / "metrics" / "all.json") for e in exps}
+    if a.phase1:  # seed 0 of these experiments alone first (e.g. the methods still missing late in a session)
+        names = a.phase1.split(",")
+        phases.append((f"seed 0 of {', '.join(names)}", [seed0[n] for n in names], []))
     if a.seed_first:
         # the first experiment of each method before the others: one seed per method as early as possible
         first = [seed0[e["name"]] for i, e in enumerate(exps) if e["method"] not in {x["method"] for x in exps[:i]}]
@@ -237,6 +240,7 @@ def main() -> None:
                    help="results folder (default: the config's own; finished jobs are kept, not rerun)")
     p.add_argument("--seed-first", action=argparse.BooleanOptionalAction, default=True,
                    help="run seed 0 of every experiment before the other seeds")
+    p.add_argument("--phase1", default=None, help="comma-separated experiments whose seed 0 runs alone first")
     p.add_argument("--collect-only", action="store_true", help="do not run: tabulate what has finished")
     p.add_argument("--no-write", action="store_true", help="print the entry without appending it to --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="results file to append to")
