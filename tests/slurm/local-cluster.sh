@@ -11,6 +11,11 @@
 # plugin drops SLURM_CONF from the job environment. There is no accounting, so
 # `sacct` exits 1 ("accounting storage is disabled"): run snakemake with
 # `--slurm-status-command squeue` or it never notices that jobs finished.
+#
+# The node is declared as a cluster node (32 CPUs, 256 GB; SLURM_NODE_CPUS / SLURM_NODE_MEM_MB, at least
+# this machine's) with SlurmdParameters=config_overrides, so the jobs of profiles/slurm, with their
+# real per-rule requests (64 GB, 16 CPUs), are accepted unchanged. Nothing enforces the requests here
+# (no cgroups, memory not consumable): they only have to fit, and the machine is shared as usual.
 set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
@@ -18,6 +23,8 @@ MARKER="# managed-by: sourceflow tests/slurm/local-cluster.sh"
 PARTITION=debug
 HOST=$(hostname -s 2>/dev/null || uname -n | cut -d. -f1)
 TIMEOUT=${SLURM_START_TIMEOUT:-60}
+NODE_CPUS=${SLURM_NODE_CPUS:-32}
+NODE_MEM_MB=${SLURM_NODE_MEM_MB:-262144}
 
 log() { echo "[local-cluster] $*"; }
 die() { echo "[local-cluster] ERROR: $*" >&2; exit 1; }
@@ -74,6 +81,8 @@ write_conf() {
   local cpus mem_mb
   cpus=$(nproc)
   mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
+  ((cpus >= NODE_CPUS)) || cpus=$NODE_CPUS
+  ((mem_mb >= NODE_MEM_MB)) || mem_mb=$NODE_MEM_MB
   mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/slurm
   # 127.0.0.1 as address: the hostname may not resolve (or resolve elsewhere) in CI.
   local tmp
@@ -90,6 +99,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
 ReturnToService=2
 AccountingStorageType=accounting_storage/none
@@ -109,16 +119,44 @@ EOF
   log "wrote $CONF"
   if pgrep -x slurmctld >/dev/null; then
     log "config changed under running daemons: scontrol reconfigure"
-    scontrol reconfigure || die "scontrol reconfigure failed"
+    # a new node size needs a restart ("require restart of the slurmctld daemon"): start() does it
+    scontrol reconfigure || stop_for_restart
   fi
 }
 
+# Whether the running node already has the sizes the config declares (a reconfigure does not resize it).
+node_sized() {
+  local want_cpus want_mem
+  want_cpus=$(sed -n 's/^NodeName=.* CPUs=\([0-9]*\) .*/\1/p' "$CONF")
+  want_mem=$(sed -n 's/^NodeName=.* RealMemory=\([0-9]*\) .*/\1/p' "$CONF")
+  scontrol show node "$HOST" 2>/dev/null | grep -q "CPUTot=$want_cpus " &&
+    scontrol show node "$HOST" 2>/dev/null | grep -q "RealMemory=$want_mem "
+}
+
+# Stop slurmd and slurmctld by their pid files, for start() to start them with the new config (running
+# jobs survive a restart: their slurmstepd stay).
+stop_for_restart() {
+  local d pid
+  for d in slurmd slurmctld; do
+    pid=$(cat "/run/slurm/$d.pid" 2>/dev/null || true)
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+      log "stopping $d (pid $pid) to restart it with the new node size"
+      kill "$pid"
+      for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    fi
+  done
+}
+
 start() {
-  if is_up; then log "already up (node $HOST: $(node_state))"; exit 0; fi
+  if is_up && grep -qxF "SlurmdParameters=config_overrides" "$CONF" 2>/dev/null && node_sized; then
+    log "already up (node $HOST: $(node_state))"
+    exit 0
+  fi
   as_root start
   install_packages
   setup_munge
   write_conf
+  if is_up && ! node_sized; then stop_for_restart; fi
   pgrep -x munged >/dev/null || { log "starting munged"; runuser -u munge -- /usr/sbin/munged; }
   munge -n </dev/null | unmunge >/dev/null || die "munge self-test failed"
   pgrep -x slurmctld >/dev/null || { log "starting slurmctld"; slurmctld; }
@@ -141,7 +179,7 @@ start() {
     die "smoke-test job failed; see /var/log/slurm/*.log"
   grep -qx ok "$out" || die "smoke-test job produced no output"
   rm -f "$out"
-  log "cluster up: node $HOST ($(nproc) CPUs), partition $PARTITION"
+  log "cluster up: node $HOST (declared $(scontrol show node "$HOST" | grep -o 'CPUTot=[0-9]*'), $(nproc) real CPUs), partition $PARTITION"
 }
 
 any_running() { # pgrep -x cannot take 'a|b' here: names > 15 chars never match

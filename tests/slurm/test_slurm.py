@@ -1,12 +1,21 @@
-"""The tiny workflow through a real one-node SLURM cluster (tests/slurm/local-cluster.sh): every job
-goes through sbatch, and the outputs equal those of a local run."""
+"""The tiny workflow through a real one-node SLURM cluster (tests/slurm/local-cluster.sh) with the real
+cluster profile, profiles/slurm, changed only where a cluster must: partition and account. Every job
+goes through sbatch with the profile's own per-rule requests (the test node is declared large enough),
+and the outputs equal those of a local run. A training job that reaches a short wall time stops on
+SLURM's signal, is resubmitted and resumes to the same weights as an uninterrupted local run."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -14,35 +23,57 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from snakemake.utils import validate
 
 from ..workflow.helpers import ROOT, scratch_repo, snakemake
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 SCRIPT = ROOT / "tests" / "slurm" / "local-cluster.sh"
-# Two experiments keep the cluster run short: an OT coupling and the mixture source (GMM job too).
-CONFIG = (ROOT / "tests" / "data" / "tiny.yaml").read_text().split("experiments:")[0] + """experiments:
-  - {name: otcfm, method: otcfm, data: moons}
+TINY = (ROOT / "tests" / "data" / "tiny.yaml").read_text().split("experiments:")[0]
+# One experiment keeps the cluster run short; the mixture source brings every kind of job (data, data
+# floor, GMM, train, sample, evaluate, report).
+CONFIG = TINY + """experiments:
   - {name: mmfm, method: mmfm, data: moons, source: {kind: gmm, components: 4}, conditioning: mode}
 report:
   scatter_steps: [1, 2]
   scatter_points: 300
 """
-# The local cluster has no accounting database: sacct cannot report job states, so the plugin asks squeue.
-LOCAL_CLUSTER = ["--slurm-no-account", "--slurm-status-command", "squeue",
-                 "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs",
-                 "--default-resources", "slurm_partition=debug", "runtime=10", "mem_mb=1000", "gpu=0", "--jobs", "2"]
+# The cluster's facts, not job shapes: no accounting database, so job states come from squeue (which
+# keeps finished jobs for MinJobAge); the first status check soon after a submission.
+CLUSTER = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
+           "--slurm-keep-successful-logs"]
+SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
+FAILED = re.compile(r"SLURM-job '(\d+)' failed, SLURM status is: '(\w+)'")
 
 
-def small_rule_resources() -> list[str]:
-    """``--set-resources`` that shrink every per-rule request of the cluster profile to what the one-node
-    test cluster has (its node offers ~90% of this machine's memory; the profile asks for cluster-sized
-    memory and CPUs, which sbatch refuses: "Memory specification can not be satisfied")."""
-    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
-    small = {"mem_mb": 1000, "runtime": 10, "cpus_per_task": 1, "cpus_per_gpu": 1}
-    out = [f"{rule}:{key}={small[key]}" for rule, res in profile.get("set-resources", {}).items()
-           for key in res if key in small]
-    return ["--set-resources", *out] if out else []
+def cluster_profile(repo: Path, **train: object) -> dict:
+    """profiles/slurm as it is, with this cluster's partition and no account, written into ``repo``;
+    ``train``: changed set-resources of the train rule (the wall-time test's short runtime), nothing else."""
+    prof = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    rest = [r for r in prof["default-resources"] if not r.startswith(("slurm_partition=", "slurm_account="))]
+    assert len(rest) == len(prof["default-resources"]) - 2  # both placeholders were there
+    prof["default-resources"] = ["slurm_partition=debug", *rest]
+    prof["slurm-no-account"] = True
+    prof["set-resources"]["train"].update(train)
+    (repo / "profiles" / "slurm" / "config.yaml").write_text(yaml.safe_dump(prof, sort_keys=False))
+    return prof
+
+
+def job_resources(output: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, resources) of every job Snakemake started (local rules excluded)."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", output):
+        m = re.match(r"(local)?rule (\w+):\n", block)
+        res = re.search(r"^    resources: (.*)$", block, re.M)
+        if m and not m.group(1) and res:
+            jobs.append((m.group(2), dict(kv.split("=", 1) for kv in res.group(1).split(", "))))
+    return jobs
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +85,133 @@ def cluster():
     yield
 
 
-def test_workflow_through_sbatch_equals_a_local_run(cluster, tmp_path):
+def test_workflow_through_sbatch_with_the_real_profile_equals_a_local_run(cluster, walltime, tmp_path):
+    # (walltime: the wall-time test's cluster run, started now to run beside this one)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     remote = scratch_repo(tmp_path / "slurm", CONFIG)
-    local = scratch_repo(tmp_path / "local", CONFIG)
-    res = snakemake(remote, "--profile", "profiles/slurm", *LOCAL_CLUSTER, *small_rule_resources(), env=env,
-                    timeout=1500)
+    local = background(scratch_repo(tmp_path / "local", CONFIG), env=env, cores=2)  # the reference, alongside
+    prof = cluster_profile(remote)
+    res = snakemake(remote, "--profile", "profiles/slurm", *CLUSTER, env=env, timeout=1500)
     out = res.stdout + res.stderr
-    submitted = re.findall(r"submitted with SLURM jobid (\d+)", out)
-    # data, data floor, GMM, 2 x (train, sample, evaluate), report; the spec files are local rules
-    assert len(set(submitted)) == 10, out[-3000:]
+    submitted = SUBMITTED.findall(out)
+    # data, data floor, GMM, train, sample, evaluate, report; the spec files are local rules
+    assert len({s for _, s in submitted}) == 7, out[-3000:]
+    # every job asked SLURM for what the profile says (its per-rule values where it has them)
+    defaults = dict(r.split("=", 1) for r in prof["default-resources"])
+    jobs = job_resources(out)
+    assert len(jobs) == 7
+    for rule, resources in jobs:
+        assert resources["slurm_partition"] == "debug" and resources["nodes"] == defaults["nodes"], (rule, resources)
+        for key, value in prof["set-resources"].get(rule, {}).items():
+            assert resources[key] == str(value).strip("'"), (rule, key, resources)
     slurm_logs = list((remote / ".snakemake" / "slurm_logs").rglob("*.log"))
     rules = {p.relative_to(remote / ".snakemake" / "slurm_logs").parts[0] for p in slurm_logs}
     assert {"rule_make_toy_data", "rule_reference_stats", "rule_fit_cls_gmm", "rule_train", "rule_sample",
             "rule_evaluate", "rule_report"} <= rules
-    snakemake(local, env=env)
-    for run in ("otcfm", "mmfm"):
-        a = load_file(str(remote / f"results/moons/runs/{run}/seed0/model.safetensors"))
-        b = load_file(str(local / f"results/moons/runs/{run}/seed0/model.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref = local.wait(timeout=1500)
+    assert local.proc.returncode == 0, ref[-3000:]
+    local = local.repo
+    assert same_weights(remote / "results/moons/runs/mmfm/seed0/model.safetensors",
+                        local / "results/moons/runs/mmfm/seed0/model.safetensors")
     ma = pd.read_csv(remote / "results/report/metrics.csv")
     mb = pd.read_csv(local / "results/report/metrics.csv")
     pd.testing.assert_frame_equal(ma, mb)
-    assert (Path(remote) / "results/report/summary.md").read_text() == (Path(local) / "results/report/summary.md").read_text()
+    assert (remote / "results/report/summary.md").read_text() == (local / "results/report/summary.md").read_text()
+
+
+def steps_per_second(batch_size: int) -> float:
+    """This machine's speed, now, for the wall-time run's training (a short run in this process)."""
+    from sourceflow.build import PointData, build_method, build_model
+    from sourceflow.config import resolve_experiments
+    from sourceflow.data import toy
+    from sourceflow.train.loop import ArrayDataset, TrainSettings, train
+
+    cfg = yaml.safe_load(TINY + "experiments:\n  - {name: x, method: fm, data: moons}\n")
+    validate(cfg, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    spec = resolve_experiments(cfg)["x"]
+    spec["train"].update(steps=400, batch_size=batch_size, checkpoint_every=400)
+    d = toy.sample("moons", 512, torch.Generator().manual_seed(0))
+    pts = PointData(d.x, d.label, 2)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as out:
+        t = time.time()
+        train(build_model(spec, pts), build_method(spec, pts, 0, None), ArrayDataset(pts.x),
+              TrainSettings.from_spec(spec["train"]), 0, out, "calibration", progress=False)
+        return 400 / (time.time() - t)
+
+
+WALL_MINUTES = 4  # the first attempt's time limit: SLURM's signal comes 120-180 s before it, 60-120 s in
+WORK_SECONDS = 120  # training the job needs here: longer than any first attempt gets before the signal
+TARGET = "results/moons/runs/fm/seed0/model.safetensors"
+
+
+@dataclass
+class Background:
+    """A command running in a repository, its output going to a file."""
+
+    repo: Path
+    proc: subprocess.Popen
+    log: Path
+
+    def wait(self, timeout: float) -> str:
+        self.proc.wait(timeout=timeout)
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # Snakemake cancels its SLURM jobs on an interrupt
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def background(repo: Path, *args: str, env: dict[str, str], cores: int = 1) -> Background:
+    """``snakemake ARGS`` in ``repo``, in the background."""
+    log = repo / "test-output.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", str(cores), *args], cwd=repo, env=env,
+                                stdout=f, stderr=subprocess.STDOUT, text=True)
+    return Background(repo, proc, log)
+
+
+@pytest.fixture(scope="module")
+def walltime(cluster, tmp_path_factory):
+    """The wall-time run: a training that needs WORK_SECONDS here, on the cluster with a first time limit of
+    WALL_MINUTES, and the same training locally. Both start in the background when first asked for (the
+    workflow test asks, so the two cluster runs overlap) and are checked by the wall-time test."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    steps = max(1000, int(WORK_SECONDS * steps_per_second(64)) // 10 * 10)
+    config = TINY.replace("steps: 40, batch_size: 64, checkpoint_every: 10, log_every: 10",
+                          f"steps: {steps}, batch_size: 64, checkpoint_every: {steps}, log_every: 10")
+    assert config != TINY
+    config += "experiments:\n  - {name: fm, method: fm, data: moons}\n"
+    tmp = tmp_path_factory.mktemp("walltime")
+    remote, local = scratch_repo(tmp / "slurm", config), scratch_repo(tmp / "local", config)
+    # the first attempt gets WALL_MINUTES, a resubmission the profile's own runtime
+    prof = cluster_profile(remote, runtime=f"{WALL_MINUTES} if attempt == 1 else 1440")
+    assert prof["retries"] >= 1
+    runs = {"steps": steps, "slurm": background(remote, "--profile", "profiles/slurm", *CLUSTER, TARGET, env=env),
+            "local": background(local, TARGET, env=env)}
+    yield runs
+    runs["slurm"].stop()
+    runs["local"].stop()
+
+
+def test_a_training_that_hits_its_wall_time_is_resubmitted_and_resumes_exactly(walltime):
+    """The real profile's signal and retries with a short first wall time: the trainer checkpoints on the
+    signal and exits, the job fails (not TIMEOUT), Snakemake resubmits it, the retry resumes there and
+    ends with the weights of the uninterrupted local run."""
+    slurm, local = walltime["slurm"], walltime["local"]
+    out = slurm.wait(timeout=1500)
+    assert slurm.proc.returncode == 0, out[-4000:]
+    failed = FAILED.findall(out)
+    assert len(failed) == 1 and failed[0][1] == "FAILED", out[-4000:]  # it stopped itself before the limit
+    trains = [s for _, s in SUBMITTED.findall(out)]
+    assert len(trains) == 3, out[-4000:]  # the data, the train job and its resubmission
+    summary = json.loads((slurm.repo / TARGET).with_name("train_summary.json").read_text())
+    # no periodic checkpoint before the end: the resumed run started from the one taken on the signal
+    assert 0 < summary["resumed_from"] < walltime["steps"], summary
+    ref = local.wait(timeout=1500)
+    assert local.proc.returncode == 0, ref[-3000:]
+    assert same_weights(slurm.repo / TARGET, local.repo / TARGET)
