@@ -131,13 +131,13 @@ def collect(a) -> list[str]:
         w2 = {"euler-1": [], "dopri5": []}
         nfe, secs, job_secs, done = [], [], [], []
         for seed in e["seeds"]:
-            d = e["dir"] / f"seed{seed}"
+            d = Path(a.run_dir.get(f"{e['name']}/seed{seed}", e["dir"] / f"seed{seed}"))
             summary = d / "train_summary.json"
             if summary.exists():
                 resumed = json.loads(summary.read_text())["resumed_from"]
                 secs.append(f"{loop_seconds(d / 'train_log.jsonl'):.0f}" + ("*" if resumed else ""))
                 tsv = results / "benchmarks" / e["data"] / e["name"] / f"seed{seed}" / "train.tsv"
-                if tsv.exists() and not resumed:  # a resumed job's tsv covers only its last part
+                if tsv.exists() and not resumed and f"{e['name']}/seed{seed}" not in a.run_dir:  # a resumed job's tsv: its last part
                     job_secs.append(float(pd.read_csv(tsv, sep="\t")["s"].iloc[0]))
             metrics = d / "metrics" / "all.json"
             if not metrics.exists():
@@ -247,7 +247,10 @@ def main() -> None:
     p.add_argument("--assign-bench", action="store_true", help="only time the exact-assignment solvers (printed)")
     p.add_argument("--in-progress-since", default=None, help="--collect-only during a run: ISO start of its phase")
     p.add_argument("--load-file", default=None, help="--collect-only: extra '<time> <load>' samples to include")
+    p.add_argument("--run-dir", action="append", default=[],
+                   help="EXP/seedN=DIR: read that run from DIR (a run made with the same stage commands elsewhere)")
     a = p.parse_args()
+    a.run_dir = dict(x.split("=", 1) for x in a.run_dir)
     if a.assign_bench:
         assign_bench()
         return
