@@ -1,8 +1,9 @@
 """The tiny workflow through a real one-node SLURM cluster (tests/slurm/local-cluster.sh) with the real
 cluster profile, profiles/slurm, changed only where a cluster must: partition and account. Every job
 goes through sbatch with the profile's own per-rule requests (the test node is declared large enough),
-and the outputs equal those of a local run. A training job that reaches a short wall time stops on
-SLURM's signal, is resubmitted and resumes to the same weights as an uninterrupted local run."""
+and the outputs equal those of a local run. A training job whose time limit is cut to a minute or two
+while it runs stops on SLURM's signal, is resubmitted and resumes to the weights of an uninterrupted
+local run."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,15 +49,13 @@ SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
 FAILED = re.compile(r"SLURM-job '(\d+)' failed, SLURM status is: '(\w+)'")
 
 
-def cluster_profile(repo: Path, **train: object) -> dict:
-    """profiles/slurm as it is, with this cluster's partition and no account, written into ``repo``;
-    ``train``: changed set-resources of the train rule (the wall-time test's short runtime), nothing else."""
+def cluster_profile(repo: Path) -> dict:
+    """profiles/slurm as it is, with this cluster's partition and no account, written into ``repo``."""
     prof = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     rest = [r for r in prof["default-resources"] if not r.startswith(("slurm_partition=", "slurm_account="))]
     assert len(rest) == len(prof["default-resources"]) - 2  # both placeholders were there
     prof["default-resources"] = ["slurm_partition=debug", *rest]
     prof["slurm-no-account"] = True
-    prof["set-resources"]["train"].update(train)
     (repo / "profiles" / "slurm" / "config.yaml").write_text(yaml.safe_dump(prof, sort_keys=False))
     return prof
 
@@ -120,7 +120,7 @@ def test_workflow_through_sbatch_with_the_real_profile_equals_a_local_run(cluste
 
 
 def steps_per_second(batch_size: int) -> float:
-    """This machine's speed, now, for the wall-time run's training (a short run in this process)."""
+    """This machine's speed now, for the wall-time run's training: warm steps of a short run in this process."""
     from sourceflow.build import PointData, build_method, build_model
     from sourceflow.config import resolve_experiments
     from sourceflow.data import toy
@@ -129,19 +129,18 @@ def steps_per_second(batch_size: int) -> float:
     cfg = yaml.safe_load(TINY + "experiments:\n  - {name: x, method: fm, data: moons}\n")
     validate(cfg, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
     spec = resolve_experiments(cfg)["x"]
-    spec["train"].update(steps=400, batch_size=batch_size, checkpoint_every=400)
+    spec["train"].update(steps=600, batch_size=batch_size, checkpoint_every=600, log_every=100)
     d = toy.sample("moons", 512, torch.Generator().manual_seed(0))
     pts = PointData(d.x, d.label, 2)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:
-        t = time.time()
         train(build_model(spec, pts), build_method(spec, pts, 0, None), ArrayDataset(pts.x),
               TrainSettings.from_spec(spec["train"]), 0, out, "calibration", progress=False)
-        return 400 / (time.time() - t)
+        log = [json.loads(ln) for ln in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+    return (log[-1]["step"] - log[0]["step"]) / (log[-1]["seconds"] - log[0]["seconds"])
 
 
-WALL_MINUTES = 4  # the first attempt's time limit: SLURM's signal comes 120-180 s before it, 60-120 s in
-WORK_SECONDS = 120  # training the job needs here: longer than any first attempt gets before the signal
+WORK_SECONDS = 90  # training the wall-time job needs at this machine's measured speed
 TARGET = "results/moons/runs/fm/seed0/model.safetensors"
 
 
@@ -175,11 +174,42 @@ def background(repo: Path, *args: str, env: dict[str, str], cores: int = 1) -> B
     return Background(repo, proc, log)
 
 
+def seconds(elapsed: str) -> int:
+    """squeue's elapsed time ([days-][hours:]minutes:seconds) in seconds."""
+    days, _, clock = elapsed.rpartition("-")
+    total = 0
+    for part in clock.split(":"):
+        total = 60 * total + int(part)
+    return total + 86400 * int(days or 0)
+
+
+def cut_wall_time(run: Background, record: dict) -> None:
+    """Shortens the first train job's time limit once its trainer is past its first step (its first log
+    record: the stop handler is in place), so that SLURM's pre-limit signal (``--signal=URG@120`` of the
+    profile) comes at its next time-limit check, within ~30 s, while the limit itself is >= 45 s away."""
+    marker = run.repo / TARGET.replace("model.safetensors", "train_log.jsonl")
+    first_train = re.compile(r"submitted with SLURM jobid (\d+) \(log: [^)]*rule_train/")
+    jobid = None
+    while run.proc.poll() is None:
+        jobid = jobid or next(iter(first_train.findall(run.log.read_text())), None)
+        if jobid and marker.exists() and marker.read_text().strip():
+            break
+        time.sleep(0.2)
+    else:
+        return
+    elapsed = seconds(subprocess.run(["squeue", "-h", "-j", jobid, "-o", "%M"], capture_output=True, text=True,
+                                     check=True).stdout.strip())
+    minutes = -(-(elapsed + 45) // 60)  # SLURM keeps time limits in whole minutes
+    subprocess.run(["scontrol", "update", f"JobId={jobid}", f"TimeLimit={minutes}"], check=True)
+    record.update(jobid=jobid, elapsed=elapsed, limit_minutes=minutes)
+
+
 @pytest.fixture(scope="module")
 def walltime(cluster, tmp_path_factory):
-    """The wall-time run: a training that needs WORK_SECONDS here, on the cluster with a first time limit of
-    WALL_MINUTES, and the same training locally. Both start in the background when first asked for (the
-    workflow test asks, so the two cluster runs overlap) and are checked by the wall-time test."""
+    """The wall-time run: a training that needs WORK_SECONDS here, through the cluster with the real profile,
+    and the same training locally. Both start in the background when first asked for (the workflow test
+    asks, so that the two cluster runs overlap) and the wall-time test checks them. Once the cluster's
+    trainer runs, its job's time limit is cut to a minute or two (``cut_wall_time``)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     steps = max(1000, int(WORK_SECONDS * steps_per_second(64)) // 10 * 10)
     config = TINY.replace("steps: 40, batch_size: 64, checkpoint_every: 10, log_every: 10",
@@ -188,27 +218,31 @@ def walltime(cluster, tmp_path_factory):
     config += "experiments:\n  - {name: fm, method: fm, data: moons}\n"
     tmp = tmp_path_factory.mktemp("walltime")
     remote, local = scratch_repo(tmp / "slurm", config), scratch_repo(tmp / "local", config)
-    # the first attempt gets WALL_MINUTES, a resubmission the profile's own runtime
-    prof = cluster_profile(remote, runtime=f"{WALL_MINUTES} if attempt == 1 else 1440")
+    prof = cluster_profile(remote)
     assert prof["retries"] >= 1
-    runs = {"steps": steps, "slurm": background(remote, "--profile", "profiles/slurm", *CLUSTER, TARGET, env=env),
-            "local": background(local, TARGET, env=env)}
+    slurm = background(remote, "--profile", "profiles/slurm", *CLUSTER, TARGET, env=env)
+    cut: dict = {}
+    cutter = threading.Thread(target=cut_wall_time, args=(slurm, cut), daemon=True)
+    cutter.start()
+    runs = {"steps": steps, "slurm": slurm, "local": background(local, TARGET, env=env), "cut": cut}
     yield runs
-    runs["slurm"].stop()
+    slurm.stop()
     runs["local"].stop()
+    cutter.join(timeout=10)
 
 
 def test_a_training_that_hits_its_wall_time_is_resubmitted_and_resumes_exactly(walltime):
-    """The real profile's signal and retries with a short first wall time: the trainer checkpoints on the
-    signal and exits, the job fails (not TIMEOUT), Snakemake resubmits it, the retry resumes there and
-    ends with the weights of the uninterrupted local run."""
+    """The real profile's signal and retries: the trainer whose time limit comes checkpoints on SLURM's
+    signal and exits, the job fails (not TIMEOUT), Snakemake resubmits it (with the profile's runtime),
+    the retry resumes there and ends with the weights of the uninterrupted local run."""
     slurm, local = walltime["slurm"], walltime["local"]
     out = slurm.wait(timeout=1500)
     assert slurm.proc.returncode == 0, out[-4000:]
+    assert walltime["cut"], "the train job's time limit was never cut"
     failed = FAILED.findall(out)
-    assert len(failed) == 1 and failed[0][1] == "FAILED", out[-4000:]  # it stopped itself before the limit
-    trains = [s for _, s in SUBMITTED.findall(out)]
-    assert len(trains) == 3, out[-4000:]  # the data, the train job and its resubmission
+    # it stopped itself before the limit: the job FAILED (exit 75), it was not killed (TIMEOUT)
+    assert failed == [(walltime["cut"]["jobid"], "FAILED")], out[-4000:]
+    assert len(SUBMITTED.findall(out)) == 3, out[-4000:]  # the data, the train job and its resubmission
     summary = json.loads((slurm.repo / TARGET).with_name("train_summary.json").read_text())
     # no periodic checkpoint before the end: the resumed run started from the one taken on the signal
     assert 0 < summary["resumed_from"] < walltime["steps"], summary
