@@ -262,7 +262,22 @@ def _is_image(ds: dict) -> bool:
 
 def rehearsal_config(full: dict, standins: str | Path, scale: Scale = Scale()) -> dict:
     """The rehearsal of ``full`` (a parsed full-scale config): the same config with only allow-listed keys
-    changed, its paths pointing into ``standins`` (see :func:`write_standins`)."""
+    changed, its paths pointing into ``standins`` (see :func:`write_standins`).
+
+    - paths: ``/x/y`` -> ``standins/x/y``, a hub id ``org/name`` -> ``standins/hub/org/name``;
+    - steps: the longest experiment trains ``scale.steps``; every other step count (other experiments,
+      checkpoint / log intervals, warm-ups, MM-FM's focal warm-up) shrinks by the same factor (at least 1);
+      OT pairing keeps steps and checkpoints at multiples of pair_batch / batch_size;
+    - epochs: ``train.epoch_size`` so the run spans as many epochs as the full one (epoch schedules pass
+      every point); memory: ``train.max_memory_mb`` in proportion to the store, so latents that stream at
+      full scale stream here (:func:`_memory_budget`);
+    - sizes: DiT / DiT-DH -> their XT row (same family and patch), U-Net channels / 8 (same multipliers),
+      the CSFM Perceiver width / 24, depth 1, 2 heads; K at most ``scale.components``;
+    - counts and batches: the first seed; a few samples, pairs, toy points; small batches, shards and EM
+      chunks so every store and pass still spans several; evaluate.min_samples and report.grid_images down
+      to the sample count;
+    - devices: no GPUs, one process per job, two decoding workers.
+    """
     cfg = json.loads(json.dumps(full))  # a copy without YAML's shared anchors (``<<: *x`` aliases dicts)
     standins = Path(standins)
     datasets = cfg["datasets"]
@@ -275,8 +290,8 @@ def rehearsal_config(full: dict, standins: str | Path, scale: Scale = Scale()) -
 
     if "seeds" in cfg:
         cfg["seeds"] = cfg["seeds"][:1]
-    for name, ds in datasets.items():
-        _rehearse_dataset(name, ds, standins, scale)
+    for ds in datasets.values():
+        _rehearse_dataset(ds, standins, scale)
     for where, holder, data in _settings_holders(cfg):
         image = (data in image_data) if data else bool(image_data) and len(image_data) == len(datasets)
         _rehearse_settings(holder, image, factor, scale, where)
@@ -322,7 +337,8 @@ def _settings_holders(cfg: dict) -> Iterator[tuple[str, dict, str | None]]:
             yield f"experiments.{i}.overrides", exp["overrides"], exp["data"]
 
 
-def _rehearse_dataset(name: str, ds: dict, standins: Path, scale: Scale) -> None:
+def _rehearse_dataset(ds: dict, standins: Path, scale: Scale) -> None:
+    """A dataset's paths, counts, K, batch sizes and device keys (in place)."""
     for key in ("root", "test_root"):
         if ds.get(key):
             ds[key] = standin_path(ds[key], standins)
@@ -364,6 +380,7 @@ def _rehearse_dataset(name: str, ds: dict, standins: Path, scale: Scale) -> None
 
 
 def _rehearse_settings(s: dict, image: bool, factor: float, scale: Scale, where: str) -> None:
+    """One settings section (defaults or overrides): model sizes, steps, batches, samples, devices (in place)."""
     model = s.get("model", {})
     if "size" in model:
         model["size"] = _small_size(model["size"])

@@ -152,3 +152,38 @@ def test_differences():
     assert got == {("x", "1", "1.0"), ("l", "[1, 2]", "[1]"), ("d.k.0", "3", "4"), ("gone.a", "1", "(absent)"),
                    ("new.b.c", "(absent)", "2")}
     assert list(R.differences(a, a)) == []
+
+
+# --- the data stand-ins ------------------------------------------------------------------------------------------
+
+
+def test_data_standins_are_laid_out_as_the_real_inputs(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sourceflow.data.captions import read_caption_jsonl
+    from sourceflow.data.images import IMAGE_EXTENSIONS, load_image
+    from sourceflow.data.manifest import scan_class_folders
+    from sourceflow.metrics.frechet import read_reference_npz
+
+    plan = R.standin_plan(R.rehearsal_config(full("imagenet256-csfm.yaml"), tmp_path))
+    data = {kind: path for path, (kind, _) in plan.items.items() if kind in ("images", "captions", "adm_npz")}
+    assert set(data) == {"images", "captions", "adm_npz"}
+    R.write_standins(R.StandinPlan({p: v for p, v in plan.items.items() if v[0] in data}))
+    root = Path(data["images"])
+    classes, items = scan_class_folders(root, IMAGE_EXTENSIONS)
+    assert classes == ["n01440764", "n01441764", "n01442764", "n01443764"] and len(items) == 24
+    assert items[0][0] == "n01440764/n01440764_0.JPEG"
+    opened = [Image.open(root / p) for p, _ in items]
+    assert {im.format for im in opened} == {"JPEG"} and {im.mode for im in opened} == {"RGB", "L", "CMYK"}
+    assert len({im.size for im in opened}) > 4 and min(min(im.size) for im in opened) < 256
+    assert load_image(root / items[5][0], 256).shape == (256, 256, 3)  # CMYK decodes to an RGB crop
+    caps = read_caption_jsonl(data["captions"])
+    assert sorted(caps["path"]) == sorted(p for p, _ in items) and caps["caption"].str.len().min() > 0
+    ref = read_reference_npz(data["adm_npz"])
+    assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) and ref["mu_s"].shape == (64,)
+    np.linalg.cholesky(ref["sigma"])  # positive definite, as ADM's
+    # a second write with the same plan leaves the files alone (stamped)
+    mtime = (root / items[0][0]).stat().st_mtime_ns
+    R.write_standins(R.StandinPlan({p: v for p, v in plan.items.items() if v[0] in data}))
+    assert (root / items[0][0]).stat().st_mtime_ns == mtime
