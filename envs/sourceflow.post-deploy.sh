@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run by Snakemake once after it creates envs/sourceflow.yaml's environment (--sdm conda): clean-fid without
-# its declared dependencies (torchvision would break diffusers beside the CPU/CUDA torch already installed).
+# Run by Snakemake once after it creates envs/sourceflow.yaml's environment (--sdm conda): the packages of
+# requirements-nodeps.txt without their declared dependencies (clean-fid's torchvision would break diffusers
+# beside the CPU/CUDA torch already installed; the file says why).
 set -euo pipefail
-python -m pip install --no-deps "clean-fid==0.1.35"
+python -m pip install --no-deps -r "$(dirname "$0")/../requirements-nodeps.txt"

