@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from tqdm import tqdm
 
 from sourceflow.flow.couplings import Batch, mean_coupling_cost
 from sourceflow.flow.method import Method, Objective
 from sourceflow.io import atomic_path, write_json
+from sourceflow.progress import bar as progress_bar
 from sourceflow.train.checkpoint import load_checkpoint, save_checkpoint
 from sourceflow.train.ema import EMA
 from sourceflow.train.schedule import Schedule
@@ -65,6 +65,7 @@ class TrainSettings:
     ema_warmup: bool = True
     pair_batch: int | None = None
     epoch_size: int | None = None  # samples per epoch (images; flipped copies are not extra); None: the rows
+    trackers: tuple[str, ...] = ()  # accelerate trackers beside the JSONL log: tensorboard, wandb
 
     @classmethod
     def from_spec(cls, train: dict[str, Any], epoch_size: int | None = None) -> TrainSettings:
@@ -74,7 +75,8 @@ class TrainSettings:
                    train["warmup_steps"], train["ema_decay"], train["grad_clip"], train["checkpoint_every"],
                    train["log_every"], train.get("mixed_precision", "no"), train.get("lr_schedule", "constant"),
                    train.get("min_lr", 0.0), train.get("grad_accum", 1), train.get("ema_schedule"),
-                   train.get("ema_warmup", True), train.get("pair_batch"), train.get("epoch_size") or epoch_size)
+                   train.get("ema_warmup", True), train.get("pair_batch"), train.get("epoch_size") or epoch_size,
+                   tuple(t for t in train.get("trackers", ()) if t != "jsonl"))
 
     def __post_init__(self) -> None:
         if isinstance(self.lr_schedule, dict):
@@ -188,15 +190,23 @@ def _gather_batch(acc: Accelerator, b: Batch) -> Batch:
     return Batch(g(b.x1), g(b.idx), g(b.cond), g(b.cls))
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
-    """An Accelerator matching the launch: asserts that torchrun's WORLD_SIZE was honoured."""
+def make_accelerator(mixed_precision: str = "no", trackers: tuple[str, ...] = (),
+                     project_dir: str | Path | None = None) -> Accelerator:
+    """An Accelerator matching the launch: asserts that torchrun's WORLD_SIZE was honoured. ``trackers``
+    (tensorboard, wandb) log under ``project_dir``; W&B runs offline unless WANDB_MODE says otherwise (the
+    cluster nodes usually have no network; `wandb sync` uploads later)."""
     cuda = torch.cuda.is_available()
     from accelerate.utils import DistributedDataParallelKwargs
 
+    if "wandb" in trackers:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        if project_dir is not None:
+            os.environ.setdefault("WANDB_DIR", str(project_dir))
     # no buffer broadcast: every buffer is either fixed (positions, the GMM source's 6.4 GB of means at
     # ImageNet scale) or kept equal by the method itself (the focal EMA sums over processes)
     acc = Accelerator(cpu=not cuda, mixed_precision=mixed_precision if cuda else "no",
-                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+                      log_with=list(trackers) or None, project_dir=str(project_dir) if project_dir else None)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != world:
         raise ValueError(f"accelerate sees {acc.num_processes} process(es) but WORLD_SIZE={world}: on CPU launch "
@@ -296,7 +306,7 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir, log_path = out / "checkpoints" / "last", out / "train_log.jsonl"
-    acc = accelerator or make_accelerator(settings.mixed_precision)
+    acc = accelerator or make_accelerator(settings.mixed_precision, settings.trackers, out / "tracking")
     rank, world = acc.process_index, acc.num_processes
     accum = settings.grad_accum
     if settings.batch_size % (world * accum):
@@ -367,8 +377,12 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
                             {"step": step, "run_hash": run_hash, "world_size": world})
         acc.wait_for_everyone()
 
-    bar = tqdm(total=settings.steps, initial=start, disable=not (progress and acc.is_main_process),
-               desc="train", mininterval=2.0, dynamic_ncols=True)
+    bar = progress_bar(total=settings.steps, initial=start, desc="train", unit="step",
+                       disable=not (progress and acc.is_main_process))
+    if settings.trackers:
+        # one run per training directory; a resumed run logs into the same project folder
+        name = f"{out.parent.name}-{out.name}" if out.name.startswith("seed") else out.name  # <experiment>-seed<N>
+        acc.init_trackers(name, config={k: v for k, v in vars(settings).items() if isinstance(v, int | float | str | bool)})
     window: dict[str, list[float]] = {}
     shards_disjoint = None
     t0 = time.time()
@@ -451,6 +465,8 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
+            if settings.trackers:
+                acc.log({"lr": opt.param_groups[0]["lr"], **means}, step=done)
         bar.update(1)
         if done % settings.checkpoint_every == 0 or done == settings.steps:
             save(done)
@@ -475,6 +491,8 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
     bar.close()
     if prefetch is not None:
         prefetch.shutdown(wait=True)
+    if settings.trackers:
+        acc.end_training()
     seconds = time.time() - t0
 
     # Consistency across processes: every rank must hold the same weights.

@@ -228,3 +228,22 @@ def test_ema_without_warmup_uses_the_scheduled_decay():
         warm.module.weight.fill_(0.0)
     warm.update()
     assert float(warm.module.weight) == pytest.approx(0.9)
+
+
+def test_tensorboard_tracker_writes_the_logged_curves(data, tmp_path):
+    """train.trackers: [tensorboard] logs through accelerate's tracker beside the JSONL log: the event files
+    hold the same loss at the same steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = make_spec("fm")
+    spec["train"].update(steps=20, log_every=5, trackers=["jsonl", "tensorboard"])
+    run(spec, data, tmp_path / "seed0")
+    events = list((tmp_path / "seed0" / "tracking").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tb = {e.step: e.value for e in acc.Scalars("loss")}
+    log = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "seed0" / "train_log.jsonl").read_text().splitlines())}
+    assert sorted(tb) == sorted(log) == [5, 10, 15, 20]
+    assert all(tb[k] == pytest.approx(log[k], rel=1e-6) for k in log)
+    assert "lr" in acc.Tags()["scalars"]
