@@ -126,10 +126,11 @@ class FlashAttentionMemory:
     Why: on the CPU, SDPA may take the *math* path (``_scaled_dot_product_attention_math``), which
     materialises the scores ``q·kᵀ`` and their softmax, [B, heads, Nq, Nk] each, and keeps the softmax for
     the backward; the fused GPU kernels never store them (they recompute them blockwise in the backward).
-    Which CPU kernel runs depends on the torch build, dtypes and masks (this torch 2.13 CPU build picks
-    its fused ``_scaled_dot_product_flash_attention_for_cpu`` for the DiT's calls, older builds and masked
-    calls the math path), so instead of subtracting B·heads·N² terms after the fact, every call is
-    replaced by an autograd function that allocates exactly what the GPU kernel keeps:
+    Which CPU kernel runs depends on the torch build and the inputs (this torch 2.13 CPU build picks its
+    fused ``_scaled_dot_product_flash_attention_for_cpu`` for the DiT's calls, masked ones included, which
+    is linear in N too; DESIGN.md records the math path for an earlier measurement), so instead of
+    subtracting B·heads·N² terms after the fact, every call is replaced by an autograd function that
+    allocates exactly what the GPU kernel keeps:
 
     - forward: the output [B, H, Nq, dv] (compute dtype) and the log-sum-exp [B, H, Nq] (fp32); saved for
       the backward: q, k, v (views of the qkv projection, already alive), the output and the log-sum-exp;
@@ -287,11 +288,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SOURCEFLOW_PLAN_CACHE") or Path.home() / ".cache" / "sourceflow" / "plan")
 
 
+def _code_text(source: str) -> str:
+    """Python source without docstrings and comments (``ast.dump``), so editing documentation keeps the cache."""
+    import ast
+
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
+                getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 @functools.lru_cache(maxsize=1)
 def _code_hash() -> str:
     """Hash of the code a measurement runs: the modules it builds (models, flow, build, EMA, the diagonal GMM)
-    and this module's measuring functions (not the rest of this file, so editing a formula keeps the cache)."""
+    and this module's measuring functions (not the rest of this file, so editing a formula keeps the cache);
+    docstrings and comments do not count."""
     import inspect
+    import textwrap
 
     h = hashlib.sha256()
     files = sorted([*(ROOT / "sourceflow" / "models").glob("*.py"), *(ROOT / "sourceflow" / "flow").glob("*.py"),
@@ -299,11 +315,28 @@ def _code_hash() -> str:
                     ROOT / "sourceflow" / "gmm" / "diag.py"])
     for f in files:
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        h.update(_code_text(f.read_text()).encode())
     for obj in (FlashAttentionMemory, attn_flops, _ScalarStub, _standin_gmm_files, _deepcopy_in, _measurable_spec,
                 _peak, run_fake_step, run_fake_forward, _build_encoder, encoder_costs):
-        h.update(inspect.getsource(obj).encode())
+        h.update(_code_text(textwrap.dedent(inspect.getsource(obj))).encode())
     return h.hexdigest()[:16]
+
+
+def migrate_cache() -> int:
+    """Re-key cached measurements whose stored payload is still valid under the current code hash (after a
+    change of the hashing itself); returns how many files were re-keyed."""
+    n = 0
+    for path in cache_dir().glob("*.json"):
+        d = json.loads(path.read_text())
+        if "payload" not in d:
+            continue
+        kind = path.name.split("-", 1)[0]
+        key = _cache_key(kind, d["payload"])
+        if key != d.get("key"):
+            d["key"] = key
+            (cache_dir() / f"{kind}-{key}.json").write_text(json.dumps(d, indent=1, sort_keys=True))
+            n += 1
+    return n
 
 
 def _cache_key(kind: str, payload: dict[str, Any]) -> str:
@@ -564,15 +597,28 @@ def fill_defaults(config: dict[str, Any], schema: dict[str, Any]) -> dict[str, A
     return config
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """A workflow config file with the schema's defaults filled in (what the Snakefile's ``config`` holds)."""
+def _update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Snakemake's merge of config files: mappings key by key, anything else replaced."""
+    for k, v in over.items():
+        base[k] = _update(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def load_config(*paths: str | Path) -> dict[str, Any]:
+    """The workflow's ``config`` for ``--configfile`` ``paths`` (later files merged over earlier ones, as
+    Snakemake does), normalised and with the schema's defaults filled in, as the Snakefile does it."""
     import yaml
 
-    from sourceflow.config import load_schema
+    import sourceflow.config as cfgmod
 
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    return fill_defaults(config, load_schema())
+    config: dict[str, Any] = {}
+    for path in paths:
+        with open(path) as f:
+            _update(config, yaml.safe_load(f) or {})
+    normalize = getattr(cfgmod, "normalize_experiments", None)  # experiments as a mapping (newer Snakefiles)
+    if normalize is not None:
+        normalize(config)
+    return fill_defaults(config, cfgmod.load_schema())
 
 
 IMAGE_KINDS = ("digits", "imagefolder")
@@ -1271,10 +1317,10 @@ class Planner:
         cost = encoder_costs(enc["kind"], geo, res, batch, self.use_cache)
         store = rows * geo.row_bytes
         shard = int(enc.get("shard_rows", 1024)) * (4 * math.prod(geo.spatial) + 4 * geo.cls_dim)
-        batch_bytes = batch * 3 * res * res * 4
+        batch_bytes = batch * res * res * 3  # the loader's batches are uint8 [B, R, R, 3] (ADM crops)
         host_proc = {"process": self.io.process_gb if gpus else self.io.cpu_process_gb,
                      "two shard buffers (shard_rows x row, one being written)": 2 * shard / GB,
-                     "DataLoader prefetch: workers x 4 batches x B x 3 x R^2 x 4 B": max(workers, 1) * 4 * batch_bytes / GB,
+                     "DataLoader prefetch: workers x 4 batches x B x R^2 x 3 B (uint8)": max(workers, 1) * 4 * batch_bytes / GB,
                      "decoding worker processes": workers * self.io.cpu_process_gb}
         host = {f"{k} (x{procs} processes)" if procs > 1 else k: v * procs for k, v in host_proc.items()}
         flops = rows * cost["encode_flops"]

@@ -32,7 +32,8 @@ from sourceflow import cli  # noqa: E402
 
 def main() -> None:
     p = cli.parser(__doc__)
-    p.add_argument("--configfile", required=True, help="the workflow config to plan (as snakemake --configfile)")
+    p.add_argument("--configfile", required=True, nargs="+",
+                   help="the workflow config to plan (as snakemake --configfile; later files are merged over earlier)")
     p.add_argument("--json", default=None, help="also write the plan as JSON here (one entry per job)")
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU, GB (H100 SXM: 80)")
     p.add_argument("--tflops", type=float, default=989.0, help="peak bf16 dense TFLOP/s of one GPU (H100 SXM: 989)")
@@ -70,13 +71,16 @@ def main() -> None:
         if not sep or not n.isdigit():
             raise ValueError(f"--images: expected DATASET=N, got {item!r}")
         images[name] = int(n)
-    if not Path(a.configfile).exists():
-        raise FileNotFoundError(f"config file not found: {a.configfile}")
+    for path in a.configfile:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"config file not found: {path}")
     try:
-        config = load_config(a.configfile)
+        config = load_config(*a.configfile)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
     except Exception as e:  # jsonschema's ValidationError: one line naming the key
         if type(e).__name__ == "ValidationError":
-            raise ValueError(f"{a.configfile}: {'.'.join(map(str, e.absolute_path))}: {e.message}") from None
+            raise ValueError(f"config: {'.'.join(map(str, e.absolute_path))}: {e.message}") from None
         raise
     tp = Throughput(bf16_tflops=a.tflops, fp32_tflops=a.fp32_tflops, fp64_tflops=a.fp64_tflops, mfu=a.mfu)
 
@@ -93,7 +97,7 @@ def main() -> None:
         raise ValueError(str(e)) from None
     print(format_table(entries, planner))
     if a.json:
-        write_json(a.json, to_json(entries, planner, a.configfile))
+        write_json(a.json, to_json(entries, planner, " ".join(a.configfile)))
         print(f"\nwrote {a.json} ({len(entries)} jobs)")
 
 
