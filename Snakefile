@@ -1,7 +1,10 @@
 # sourceflow: flow matching with better sources and couplings, as one DAG of cached artifacts.
 #   snakemake --cores all                      # the embedded default (config/config.yaml)
 #   snakemake --cores all --configfile my.yaml # another config (replaces the default one, no merging)
+#   snakemake --cores all --configfile config/config.yaml mine.yaml   # a small file layered over the default
 #   snakemake --profile profiles/slurm         # the same workflow on a SLURM cluster
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -14,6 +17,11 @@ if not workflow.config_settings.configfiles:
     configfile: "config/config.yaml"
 
 
+# experiments may be a mapping name -> experiment (so a second --configfile changes one experiment)
+sys.path.insert(0, workflow.basedir)
+from sourceflow.config import normalize_experiments  # noqa: E402
+
+normalize_experiments(config)
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -72,14 +72,36 @@ def _check(instance: Any, schema: dict[str, Any], root: dict[str, Any], where: s
         raise ConfigError(f"config: {path}: {e.message}")
 
 
+def normalize_experiments(config: dict[str, Any]) -> dict[str, Any]:
+    """Turn ``experiments`` written as a mapping name → experiment into the list the schema validates (in
+    order, each with its ``name``), in place; a list is left as it is. The mapping form lets a second
+    ``--configfile`` (or ``--config``) change one experiment: Snakemake merges mappings key by key but
+    replaces lists whole."""
+    exps = config.get("experiments")
+    if isinstance(exps, dict):
+        out = []
+        for name, exp in exps.items():
+            exp = dict(exp or {})
+            if exp.setdefault("name", name) != name:
+                raise ConfigError(f"config: experiments.{name}.name: {exp['name']!r} differs from its key {name!r}")
+            out.append(exp)
+        config["experiments"] = out
+    return config
+
+
+def experiment_entries(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, experiment) in order, ``where`` naming the experiment for error messages."""
+    exps = normalize_experiments(dict(config)).get("experiments") or []
+    return [(f"experiments[{i}] ({exp['name']})", exp) for i, exp in enumerate(exps)]
+
+
 def resolve_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """name → resolved spec for every experiment; raises :class:`ConfigError` naming the bad key."""
     root = load_schema()
     datasets = config.get("datasets", {})
     specs: dict[str, dict[str, Any]] = {}
-    for i, exp in enumerate(config.get("experiments", [])):
+    for where, exp in experiment_entries(config):
         name = exp["name"]
-        where = f"experiments[{i}] ({name})"
         if name in specs:
             raise ConfigError(f"config: {where}.name: duplicate experiment name {name!r}")
         method = exp["method"]
@@ -111,14 +133,15 @@ def resolve_experiments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         _check(spec, root["$defs"]["resolved_experiment"], root, where)
         _semantic_checks(spec, where)
         specs[name] = spec
-    for i, (name, spec) in enumerate(specs.items()):
-        _check_model_from(specs, name, spec, f"experiments[{i}] ({name}).model_from")
-        _check_reflow(specs, name, spec, f"experiments[{i}] ({name}).reflow.experiment")
+    wheres = dict((exp["name"], where) for where, exp in experiment_entries(config))
+    for name, spec in specs.items():
+        _check_model_from(specs, name, spec, f"{wheres[name]}.model_from")
+        _check_reflow(specs, name, spec, f"{wheres[name]}.reflow.experiment")
         guide = spec["sample"].get("autoguidance")
         if guide is None:
             continue
         g = specs.get(guide["experiment"])
-        where = f"experiments[{i}] ({name}).overrides.sample.autoguidance.experiment"
+        where = f"{wheres[name]}.overrides.sample.autoguidance.experiment"
         if g is None:
             raise ConfigError(f"config: {where}: unknown experiment {guide['experiment']!r}")
         keys = ("data", "encoder", "conditioning", "text_encoder")

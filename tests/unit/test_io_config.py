@@ -11,7 +11,7 @@ import torch
 import yaml
 from snakemake.utils import validate
 
-from sourceflow.config import ConfigError, resolve_experiments, spec_hash, sweep_tags
+from sourceflow.config import ConfigError, normalize_experiments, resolve_experiments, spec_hash, sweep_tags
 from sourceflow.io import atomic_path, replace_dir, resolve_dir, write_json
 from sourceflow.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -60,9 +60,27 @@ def test_checkpoint_round_trip_with_optimizer(tmp_path):
 
 
 def default_config() -> dict:
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg = normalize_experiments(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
     validate(cfg, str(SCHEMA))
     return cfg
+
+
+def test_a_small_file_layered_over_the_default_changes_one_experiment(tmp_path):
+    """The default writes its experiments as a mapping by name, so `--configfile config/config.yaml mine.yaml`
+    (Snakemake merges the files with snakemake.utils.update_config: mappings key by key) changes one."""
+    from snakemake.utils import update_config
+
+    base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    overlay = yaml.safe_load("experiments:\n  fm: {overrides: {train: {lr: 0.002}}}\n")
+    merged = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    update_config(merged, overlay)
+    for cfg in (base, merged):
+        validate(normalize_experiments(cfg), str(SCHEMA))
+    a, b = resolve_experiments(base), resolve_experiments(merged)
+    assert [n for n in a if spec_hash(a[n]) != spec_hash(b[n])] == ["fm"] and b["fm"]["train"]["lr"] == 0.002
+    assert list(a) == list(b)  # the order and every other experiment are kept
+    with pytest.raises(ConfigError, match="experiments.fm.name: 'x' differs from its key 'fm'"):
+        normalize_experiments({"experiments": {"fm": {"name": "x", "method": "fm", "data": "moons"}}})
 
 
 def test_default_config_resolves_every_method():

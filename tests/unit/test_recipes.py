@@ -10,7 +10,7 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from sourceflow.config import resolve_experiments
+from sourceflow.config import normalize_experiments, resolve_experiments
 from sourceflow.flow.time import time_grid
 from sourceflow.train.loop import TrainSettings
 
@@ -20,7 +20,7 @@ S = math.sqrt(768 * 16 * 16 / 4096)  # RAE's shift for 768x16x16 latents = sqrt(
 
 
 def load(name: str) -> tuple[dict, dict]:
-    cfg = yaml.safe_load((ROOT / "config" / name).read_text())
+    cfg = normalize_experiments(yaml.safe_load((ROOT / "config" / name).read_text()))
     validate(cfg, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
     return cfg, resolve_experiments(cfg)
 

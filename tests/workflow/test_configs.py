@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sourceflow.config import normalize_experiments
+
 from .helpers import ROOT, planned_jobs, scratch_repo, snakemake
 
 pytestmark = pytest.mark.slow
@@ -36,7 +38,7 @@ def test_configs_are_found():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_dry_run_plans_every_experiment(repo, name):
-    cfg = yaml.safe_load((ROOT / "config" / name).read_text())
+    cfg = normalize_experiments(yaml.safe_load((ROOT / "config" / name).read_text()))
     res = snakemake(repo, "-n", "-p", "--configfile", f"config/{name}")
     out = res.stdout + res.stderr
     jobs = planned_jobs(out)
