@@ -85,13 +85,18 @@ def test_defaults_are_snakemakes():
     import yaml
     from snakemake.utils import validate
 
+    import sourceflow.config as cfgmod
+
     for name in ("imagenet256-mmfm.yaml", "imagenet256-csfm.yaml", "config.yaml"):
         raw = yaml.safe_load((ROOT / "config" / name).read_text())
+        if hasattr(cfgmod, "normalize_experiments"):  # as the Snakefile does before validating
+            cfgmod.normalize_experiments(raw)
         ours = fill_defaults(json.loads(json.dumps(raw)), yaml.safe_load(
             (ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text()))
         theirs = json.loads(json.dumps(raw))
         validate(theirs, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
         assert ours == theirs
+        assert load_config(ROOT / "config" / name) == theirs
 
 
 def test_requests_follow_snakemakes_precedence(tmp_path):
