@@ -58,7 +58,10 @@ class FocalModeWeights(nn.Module):
 
     @torch.no_grad()
     def update(self, mode: torch.Tensor, per_sample: torch.Tensor) -> None:
-        """Fold one micro-batch's per-mode mean losses into the EMA and count the micro-batch."""
+        """Fold one micro-batch's per-mode mean losses into the EMA and count the micro-batch. A micro-batch
+        with a non-finite loss is left out (its step is skipped or stops the run; the EMA must stay finite)."""
+        if not bool(torch.isfinite(per_sample.detach()).all()):
+            return
         k = self.loss_ema.shape[0]
         m = mode.to(self.loss_ema.device).long()
         sums = torch.zeros(k, dtype=torch.float64, device=m.device).index_add_(0, m, per_sample.detach().double().to(m.device))

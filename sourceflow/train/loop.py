@@ -66,6 +66,8 @@ class TrainSettings:
     pair_batch: int | None = None
     epoch_size: int | None = None  # samples per epoch (images; flipped copies are not extra); None: the rows
     trackers: tuple[str, ...] = ()  # accelerate trackers beside the JSONL log: tensorboard, wandb
+    nonfinite: str = "stop"  # a step with a non-finite loss or gradient: stop, or skip it (up to max_skipped_steps)
+    max_skipped_steps: int = 10
 
     @classmethod
     def from_spec(cls, train: dict[str, Any], epoch_size: int | None = None) -> TrainSettings:
@@ -76,7 +78,8 @@ class TrainSettings:
                    train["log_every"], train.get("mixed_precision", "no"), train.get("lr_schedule", "constant"),
                    train.get("min_lr", 0.0), train.get("grad_accum", 1), train.get("ema_schedule"),
                    train.get("ema_warmup", True), train.get("pair_batch"), train.get("epoch_size") or epoch_size,
-                   tuple(t for t in train.get("trackers", ()) if t != "jsonl"))
+                   tuple(t for t in train.get("trackers", ()) if t != "jsonl"), train.get("nonfinite", "stop"),
+                   train.get("max_skipped_steps", 10))
 
     def __post_init__(self) -> None:
         if isinstance(self.lr_schedule, dict):
@@ -188,6 +191,30 @@ def _gather_batch(acc: Accelerator, b: Batch) -> Batch:
         return None if t is None else acc.gather(t.contiguous())
 
     return Batch(g(b.x1), g(b.idx), g(b.cond), g(b.cls))
+
+
+def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor holding NaN or inf (None if all are finite)."""
+    for name, t in tensors.items():
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t.detach()).all()):
+            return name
+    return None
+
+
+def _nonfinite_step(loss: float, terms: dict[str, float], named: list[tuple[str, torch.nn.Parameter]]) -> str | None:
+    """What is non-finite in this step: a loss term, or the gradient of a named parameter (None: all finite).
+    The gradient check is one norm over all gradients; only a non-finite norm scans for the parameter."""
+    bad_terms = [f"{k}={v}" for k, v in terms.items() if not math.isfinite(v)]
+    if bad_terms:
+        return "loss term " + ", ".join(bad_terms)
+    if not math.isfinite(loss):
+        return f"loss {loss}"
+    grads = [p.grad.detach() for _, p in named if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+    if bool(torch.isfinite(grad_norm)):
+        return None
+    name = _first_nonfinite({n: p.grad for n, p in named if p.grad is not None})
+    return f"gradient of {name}" if name else "gradient norm"
 
 
 def make_accelerator(mixed_precision: str = "no", trackers: tuple[str, ...] = (),
@@ -321,13 +348,14 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
     # the source joins the optimizer and the EMA only when it learns (CSFM); a GMM source is fixed data
     learned_source = any(p.requires_grad for p in method.source.parameters())
     trainable = torch.nn.ModuleDict({"model": model, **({"source": method.source} if learned_source else {})})
-    params = [p for p in trainable.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in trainable.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     # fused AdamW: one kernel for all parameters (4x faster steps for small models on CPU, also on CUDA)
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay,
                             fused=all(p.dtype == torch.float32 for p in params))
     ema = EMA(trainable, settings.ema_decay, warmup=settings.ema_warmup)
 
-    start = 0
+    start, skipped = 0, 0  # skipped: steps dropped for non-finite values (train.nonfinite: skip), part of the state
     if resume:
         loaded = load_checkpoint(ckpt_dir, ["model", "ema", "method"])
         if loaded is not None:
@@ -341,6 +369,7 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
                 method.load_state_tensors(parts["method"])
                 opt.load_state_dict(opt_state)
                 start = int(info["step"])
+                skipped = int(info.get("skipped_steps", 0))
                 acc.print(f"resuming from {ckpt_dir} at step {start}")
     if start == 0 and acc.is_main_process and log_path.exists():
         log_path.unlink()
@@ -372,9 +401,14 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
     def save(step: int) -> None:
         acc.wait_for_everyone()
         if acc.is_main_process:
+            bad = _first_nonfinite({**dict(trainable.named_parameters()),
+                                    **{f"ema.{k}": v for k, v in ema.state_dict().items()}})
+            if bad is not None:  # never let a non-finite state become the last good checkpoint
+                raise FloatingPointError(f"refusing to checkpoint non-finite {bad} at step {step}; the last good "
+                                         f"checkpoint is kept in {ckpt_dir}")
             save_checkpoint(ckpt_dir, {"model": model.state_dict(), "ema": ema.state_dict(),
                                        "method": method.state_tensors()}, opt.state_dict(),
-                            {"step": step, "run_hash": run_hash, "world_size": world})
+                            {"step": step, "run_hash": run_hash, "world_size": world, "skipped_steps": skipped})
         acc.wait_for_everyone()
 
     bar = progress_bar(total=settings.steps, initial=start, desc="train", unit="step",
@@ -436,22 +470,38 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
             with sync:
                 with acc.autocast():
                     loss, mterms = objective(batch, sel, pair_gen, loss_gen, pair)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {float(loss.detach())} at step {step}; the last good "
-                                             f"checkpoint is kept in {ckpt_dir}")
+                # backward even on a non-finite loss: every process must join the gradient all-reduce
                 acc.backward(loss / accum if accum > 1 else loss)
             loss_sum += float(loss.detach())
             for k, v in mterms.items():
                 terms[k] = terms.get(k, 0.0) + v / accum
         loss = torch.tensor(loss_sum / accum)
-        grad_norm = acc.clip_grad_norm_(params, settings.grad_clip) if settings.grad_clip > 0 else None
-        opt.step()
-        ema.update(settings.ema_decay_at(step, len(data)))
-        terms["loss"] = float(loss.detach())
-        if grad_norm is not None:
-            terms["grad_norm"] = float(grad_norm)
-        for k, v in terms.items():
-            window.setdefault(k, []).append(v)
+        # checked before clipping: a NaN norm would scale every gradient to NaN and hide the culprit
+        what = _nonfinite_step(loss_sum, terms, named)
+        flag = torch.tensor([0.0 if what is None else 1.0], device=device)
+        if world > 1:  # every process takes the same decision (a NaN on one rank reaches the others' grads too)
+            flag = acc.reduce(flag, "sum")
+        if float(flag) > 0:
+            what = what or "values on another process"
+            skipped += 1
+            if settings.nonfinite == "stop" or skipped > settings.max_skipped_steps:
+                bar.close()
+                if prefetch is not None:
+                    prefetch.shutdown(wait=True)
+                why = "" if settings.nonfinite == "stop" else f" ({skipped} skipped steps, max {settings.max_skipped_steps})"
+                raise FloatingPointError(f"non-finite {what} at step {step}{why}; the last good checkpoint is kept in "
+                                         f"{ckpt_dir} (train.nonfinite: skip skips such steps)")
+            acc.print(f"skipping step {step}: non-finite {what} ({skipped} of at most {settings.max_skipped_steps})")
+            opt.zero_grad(set_to_none=True)  # no optimizer step, no EMA update: the state stays the last finite one
+        else:
+            grad_norm = acc.clip_grad_norm_(params, settings.grad_clip) if settings.grad_clip > 0 else None
+            opt.step()
+            ema.update(settings.ema_decay_at(step, len(data)))
+            terms["loss"] = float(loss.detach())
+            if grad_norm is not None:
+                terms["grad_norm"] = float(grad_norm)
+            for k, v in terms.items():
+                window.setdefault(k, []).append(v)
         done = step + 1
         if done % settings.log_every == 0 or done == settings.steps:
             means = {k: sum(v) / len(v) for k, v in window.items()}
@@ -505,7 +555,7 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
     eval_batches = [data.batch(plan.indices(settings.steps + i), device) for i in range(4)]
     with torch.no_grad():
         cost = mean_coupling_cost(method.coupling, eval_batches, method.source, step_generator(seed, -1, "cost"))
-    summary = {"steps": settings.steps, "resumed_from": start, "seconds": round(seconds, 3),
+    summary = {"steps": settings.steps, "resumed_from": start, "seconds": round(seconds, 3), "skipped_steps": skipped,
                "steps_per_second": round((settings.steps - start) / max(seconds, 1e-9), 2),
                "world_size": world, "rank_weight_checksums": checks, "shards_disjoint": shards_disjoint,
                "coupling_cost": cost, "run_hash": run_hash,

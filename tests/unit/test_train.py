@@ -118,7 +118,77 @@ def test_a_checkpoint_of_another_configuration_is_ignored(data, tmp_path):
     assert s["resumed_from"] == 0
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(data, tmp_path):
+def _poison_grad_at(model: torch.nn.Module, calls: set[int]):
+    """Make the output bias's gradient NaN on the given backward calls (0-based) and count the calls."""
+    count = {"n": 0}
+
+    def hook(g):
+        n = count["n"]
+        count["n"] += 1
+        return torch.full_like(g, float("nan")) if n in calls else g
+
+    model.out.bias.register_hook(hook)
+    return count
+
+
+def _finite_state(path) -> dict:
+    from safetensors.torch import load_file as lf
+
+    t = {k: v for name in ("model", "ema") for k, v in lf(str(path / f"{name}.safetensors")).items()}
+    assert all(torch.isfinite(v).all() for v in t.values() if v.is_floating_point())
+    return t
+
+
+def test_nan_gradient_at_a_checkpoint_step_stops_and_keeps_the_last_finite_checkpoint(data, tmp_path):
+    """A finite loss with NaN gradients at a checkpoint step (step 9, saved as checkpoint 10) would otherwise
+    have saved NaN weights as the last good checkpoint."""
+    spec = make_spec("fm")  # checkpoint_every 5
+    pts, gmm = data
+    torch.manual_seed(0)
+    model, method = build_model(spec, pts), build_method(spec, pts, 0, gmm)
+    _poison_grad_at(model, {9})
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient of model\.out\.bias at step 9"):
+        train(model, method, ArrayDataset(pts.x), TrainSettings.from_spec(spec["train"]), 0, tmp_path, "h", progress=False)
+    info = json.loads((tmp_path / "checkpoints" / "last" / "trainer.json").read_text())
+    assert info["step"] == 5  # the last finite state, not step 10
+    before = _finite_state(tmp_path / "checkpoints" / "last")
+    # equal to the same run stopped cleanly after its step-5 checkpoint
+    run(spec, data, tmp_path / "clean", stop_after=5)
+    assert all(torch.equal(before[k], v) for k, v in _finite_state(tmp_path / "clean" / "checkpoints" / "last").items())
+
+
+def test_skip_mode_drops_the_nonfinite_step_and_checkpoints_the_previous_state(data, tmp_path):
+    spec = make_spec("mmfm", conditioning="mode", source={"components": 4})  # the focal EMA must stay finite too
+    spec["regularizers"].update(focal_gamma=2.0, focal_warmup=0)
+    spec["train"].update(nonfinite="skip", max_skipped_steps=2, steps=10)
+    pts, gmm = data
+    torch.manual_seed(0)
+    model, method = build_model(spec, pts), build_method(spec, pts, 0, gmm)
+    _poison_grad_at(model, {4})  # step 4: its checkpoint (step 5) must hold the state after step 3
+    s = train(model, method, ArrayDataset(pts.x), TrainSettings.from_spec(spec["train"]), 0, tmp_path, "h",
+              progress=False, stop_after=5)
+    assert s == {"stopped_at": 5}
+    info = json.loads((tmp_path / "checkpoints" / "last" / "trainer.json").read_text())
+    assert info["step"] == 5 and info["skipped_steps"] == 1
+    state = _finite_state(tmp_path / "checkpoints" / "last")
+    torch.manual_seed(0)
+    ref_model, ref_method = build_model(spec, pts), build_method(spec, pts, 0, gmm)
+    train(ref_model, ref_method, ArrayDataset(pts.x), TrainSettings.from_spec({**spec["train"], "checkpoint_every": 4}),
+          0, tmp_path / "ref", "h", progress=False, stop_after=4)
+    ref = _finite_state(tmp_path / "ref" / "checkpoints" / "last")  # after step 3 (4 steps done)
+    assert all(torch.equal(state[k], ref[k]) for k in ref if not k.startswith("__ema_updates"))
+    focal = load_file(str(tmp_path / "checkpoints" / "last" / "method.safetensors"))
+    assert torch.isfinite(focal["focal.loss_ema"]).all()
+    # a third non-finite step exceeds max_skipped_steps = 2
+    torch.manual_seed(0)
+    m2, me2 = build_model(spec, pts), build_method(spec, pts, 0, gmm)
+    _poison_grad_at(m2, {1, 2, 3})
+    with pytest.raises(FloatingPointError, match=r"3 skipped steps, max 2"):
+        train(m2, me2, ArrayDataset(pts.x), TrainSettings.from_spec(spec["train"]), 0, tmp_path / "many", "h",
+              progress=False)
+
+
+def test_nan_loss_stops_with_a_message_naming_the_step(data, tmp_path):
     spec = make_spec("fm")
     pts, gmm = data
     model, method = build_model(spec, pts), build_method(spec, pts, 0, gmm)
@@ -126,9 +196,11 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(data, tmp_path):
     with torch.no_grad():
         model.out.bias.fill_(float("nan"))
     settings = TrainSettings.from_spec(spec["train"])
-    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
+    with pytest.raises(FloatingPointError, match="non-finite loss term fm=nan at step 0"):
         train(model, method, ArrayDataset(pts.x), settings, 0, tmp_path, "other", progress=False)
-    assert (tmp_path / "checkpoints" / "last" / "trainer.json").exists()
+    # the other configuration's checkpoint (step 10) was not overwritten by a non-finite state
+    assert json.loads((tmp_path / "checkpoints" / "last" / "trainer.json").read_text())["step"] == 10
+    _finite_state(tmp_path / "checkpoints" / "last")
 
 
 def test_training_reduces_the_loss(data, tmp_path):
