@@ -193,6 +193,27 @@ def _gather_batch(acc: Accelerator, b: Batch) -> Batch:
     return Batch(g(b.x1), g(b.idx), g(b.cond), g(b.cls))
 
 
+def state_digest(parts: dict[str, dict[str, torch.Tensor]], optimizer: dict[str, Any]) -> str:
+    """SHA-256 over every tensor of the training state (name, dtype, shape, bytes) and the optimizer's groups:
+    equal on every process of a run, and recorded in each checkpoint (``state_sha256``)."""
+    h = hashlib.sha256()
+
+    def add(name: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    for part in sorted(parts):
+        for k in sorted(parts[part]):
+            add(f"{part}.{k}", parts[part][k])
+    for pid in sorted(optimizer["state"]):
+        for k in sorted(optimizer["state"][pid]):
+            v = optimizer["state"][pid][k]
+            add(f"opt.{pid}.{k}", v if torch.is_tensor(v) else torch.tensor(v))
+    h.update(json.dumps(optimizer["param_groups"], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
     """The name of the first floating tensor holding NaN or inf (None if all are finite)."""
     for name, t in tensors.items():
@@ -363,6 +384,11 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
             if info.get("run_hash") != run_hash:
                 acc.print(f"checkpoint {ckpt_dir} belongs to another configuration ({info.get('run_hash')} != "
                           f"{run_hash}); starting from scratch")
+            elif int(info.get("world_size", world)) != world:
+                # per-process draws and data shares depend on the number of processes: a resume with another
+                # number would match neither run, so it is refused
+                raise ValueError(f"{ckpt_dir} was written by {info['world_size']} process(es), this run has {world}: "
+                                 f"resume with {info['world_size']}, or start over (--no-resume / delete the checkpoint)")
             else:
                 model.load_state_dict(parts["model"])
                 ema.load_state_dict(parts["ema"])
@@ -400,15 +426,24 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
 
     def save(step: int) -> None:
         acc.wait_for_everyone()
+        # every process checks its own copy (the same state everywhere, so the same decision everywhere)
+        bad = _first_nonfinite({**dict(trainable.named_parameters()),
+                                **{f"ema.{k}": v for k, v in ema.state_dict().items()}})
+        if bad is not None:  # never let a non-finite state become the last good checkpoint
+            raise FloatingPointError(f"refusing to checkpoint non-finite {bad} at step {step}; the last good "
+                                     f"checkpoint is kept in {ckpt_dir}")
+        parts = {"model": model.state_dict(), "ema": ema.state_dict(), "method": method.state_tensors()}
+        opt_state = opt.state_dict()
+        digest = state_digest(parts, opt_state)
+        if world > 1:  # parameters, buffers, optimizer, EMA, LOOM seeds, focal EMA, learned source: all agree
+            mine = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=device)
+            every = acc.gather(mine).tolist()
+            if len(set(every)) > 1:
+                raise RuntimeError(f"processes disagree on the training state at step {step} (state digests by "
+                                   f"rank: {[format(d, 'x') for d in every]}); not checkpointing")
         if acc.is_main_process:
-            bad = _first_nonfinite({**dict(trainable.named_parameters()),
-                                    **{f"ema.{k}": v for k, v in ema.state_dict().items()}})
-            if bad is not None:  # never let a non-finite state become the last good checkpoint
-                raise FloatingPointError(f"refusing to checkpoint non-finite {bad} at step {step}; the last good "
-                                         f"checkpoint is kept in {ckpt_dir}")
-            save_checkpoint(ckpt_dir, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                       "method": method.state_tensors()}, opt.state_dict(),
-                            {"step": step, "run_hash": run_hash, "world_size": world, "skipped_steps": skipped})
+            save_checkpoint(ckpt_dir, parts, opt_state, {"step": step, "run_hash": run_hash, "world_size": world,
+                                                         "skipped_steps": skipped, "state_sha256": digest})
         acc.wait_for_everyone()
 
     bar = progress_bar(total=settings.steps, initial=start, desc="train", unit="step",
