@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from sourceflow.flow.couplings import (
@@ -31,7 +31,7 @@ from sourceflow.flow.method import Method
 from sourceflow.flow.sources import GaussianSource, GMMSource, LearnedSource, Source, ToySource
 from sourceflow.flow.time import TimeSampler
 from sourceflow.gmm.diag import DiagGMM
-from sourceflow.io import atomic_path
+from sourceflow.io import save_safetensors
 from sourceflow.models.embed import CondSpec
 from sourceflow.models.mlp import ConditionMLP, MLPVelocity
 
@@ -79,8 +79,7 @@ def save_points(path: str | Path, splits: dict[str, PointData], metadata: dict[s
         tensors[f"{name}.x"] = d.x.contiguous()
         tensors[f"{name}.label"] = d.label.contiguous()
         tensors[f"{name}.num_classes"] = torch.tensor(d.num_classes)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(path, tensors, metadata)
 
 
 def load_points(path: str | Path, split: str) -> PointData:
@@ -274,8 +273,7 @@ def save_reflow_pairs(path: str | Path, x0: torch.Tensor, x1: torch.Tensor, cond
         tensors["cond"] = cond.contiguous()
     if mode is not None:
         tensors["mode"] = mode.long().contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(path, tensors, metadata)
 
 
 def load_reflow_pairs(path: str | Path, spec: dict[str, Any], method: Method) -> Any:

@@ -53,6 +53,30 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+META_KEY = "sourceflow"
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+    """Write a safetensors file atomically with ``metadata`` as ONE entry of sorted JSON: safetensors writes
+    a metadata map in an order that changes from process to process, so several keys would make equal
+    artifacts differ in bytes (and "did anything change?" would not be a ``cmp``)."""
+    from safetensors.torch import save_file
+
+    meta = {META_KEY: json.dumps(metadata, sort_keys=True, default=str)} if metadata else None
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def unpack_metadata(meta: dict[str, str] | None) -> dict[str, str]:
+    """A file's metadata as flat string values: the single sorted-JSON entry of :func:`save_safetensors`
+    unpacked, or the map of a file written before it."""
+    meta = dict(meta or {})
+    packed = meta.pop(META_KEY, None)
+    if packed is not None:
+        meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in json.loads(packed).items()})
+    return meta
+
+
 def read_safetensors(path: str | Path, keys: Iterable[str], what: str, hint: str = "", framework: str = "pt"
                      ) -> tuple[dict[str, Any], dict[str, str]]:
     """Tensors ``keys`` (torch, or numpy with ``framework="np"``) and the metadata of a safetensors file.
@@ -73,7 +97,7 @@ def read_safetensors(path: str | Path, keys: Iterable[str], what: str, hint: str
             missing = [k for k in keys if k not in have]
             if missing:
                 raise KeyError(f"{path}: missing tensor(s) {missing} (has {sorted(have)})")
-            return {k: f.get_tensor(k) for k in keys}, dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in keys}, unpack_metadata(f.metadata())
     except KeyError:
         raise
     except Exception as e:  # safetensors raises its own error type for a broken header or body

@@ -117,10 +117,9 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from safetensors.torch import save_file
 
     from sourceflow.gmm.em import fit_diag_gmm, fit_sklearn, score_and_predict
-    from sourceflow.io import atomic_path, write_json
+    from sourceflow.io import save_safetensors, write_json
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     out = Path(a.out)
@@ -171,9 +170,9 @@ def main() -> None:
     gmm = fit.gmm
     gmm.save(out, metadata={"backend": a.backend, "components": str(a.components), "init": fit.init,
                             "seed": str(a.seed)})
-    with atomic_path(sibling(out, "_labels.safetensors")) as tmp:
-        save_file({"index": torch.from_numpy(index), "labels": torch.from_numpy(labels)}, str(tmp),
-                  metadata={"components": str(a.components)})
+    save_safetensors(sibling(out, "_labels.safetensors"), {"index": torch.from_numpy(index),
+                                                          "labels": torch.from_numpy(labels)},
+                     {"components": str(a.components)})
     counts = np.bincount(labels, minlength=a.components)
     weights_plot(gmm.weights.numpy(), sibling(out, "_weights.png"),
                  f"{out.stem}: K={a.components}, n={n}, {int((counts == 0).sum())} modes without a hard label")

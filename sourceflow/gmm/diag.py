@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from sourceflow.io import atomic_path, read_safetensors
+from sourceflow.io import read_safetensors, save_safetensors
 
 
 @dataclass
@@ -52,10 +51,8 @@ class DiagGMM:
         return torch.logsumexp(self.log_prob_components(x), dim=1)
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-
-        with atomic_path(path) as tmp:
-            save_file({"weights": self.weights.contiguous(), "means": self.means.contiguous(),
-                       "variances": self.variances.contiguous()}, str(tmp), metadata=metadata)
+        """Write the mixture atomically (metadata as one sorted entry: equal mixtures, equal bytes)."""
+        save_safetensors(path, {"weights": self.weights, "means": self.means, "variances": self.variances}, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> DiagGMM:

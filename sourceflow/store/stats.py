@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from sourceflow.io import atomic_path, read_safetensors
+from sourceflow.io import read_safetensors, save_safetensors
 
 NORMALIZATIONS = ("mean_std", "std")
 
@@ -74,9 +73,7 @@ class LatentStats:
         safetensors file, atomically."""
         meta = dict(metadata or {})
         meta.update(eps=repr(float(self.eps)), normalize=self.mode)
-        with atomic_path(path) as tmp:
-            save_file({"mean": self.mean.float().contiguous(), "var": self.var.float().contiguous()}, str(tmp),
-                      metadata=meta)
+        save_safetensors(path, {"mean": self.mean.float(), "var": self.var.float()}, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> LatentStats:

@@ -38,7 +38,7 @@ from accelerate import Accelerator
 
 from sourceflow.flow.couplings import Batch, mean_coupling_cost
 from sourceflow.flow.method import Method, Objective
-from sourceflow.io import atomic_path, write_json
+from sourceflow.io import atomic_path, save_safetensors, write_json
 from sourceflow.progress import bar as progress_bar
 from sourceflow.train.checkpoint import load_checkpoint, save_checkpoint
 from sourceflow.train.ema import EMA
@@ -349,7 +349,6 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
            out_dir: str | Path, run_hash: str, resume: bool, accelerator: Accelerator | None, progress: bool,
            stop_after: int | None, stop: StopSignals) -> dict[str, Any]:
     """``train``, with the stop-signal flag of its caller."""
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -601,8 +600,7 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
         if ema_source is not None:
             state.update({f"source.{k}": v for k, v in ema_source.state_dict().items()})
         tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
-        with atomic_path(out / "model.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"run_hash": run_hash, "step": str(settings.steps)})
+        save_safetensors(out / "model.safetensors", tensors, {"run_hash": run_hash, "step": str(settings.steps)})
         write_json(out / "train_summary.json", summary)
     acc.wait_for_everyone()
     return summary

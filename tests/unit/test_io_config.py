@@ -126,3 +126,28 @@ def test_schema_rejects_misspelt_top_level_and_dataset_keys():
     cfg["datasets"]["moons"]["n_trian"] = 5
     with pytest.raises(Exception, match="n_trian"):
         validate(cfg, str(SCHEMA))
+
+
+def test_safetensors_metadata_is_one_sorted_entry_so_equal_artifacts_are_equal_bytes(tmp_path):
+    """safetensors writes a metadata map in an order that changes from process to process: one sorted-JSON
+    entry makes the bytes a pure function of the content; readers see the flat map either way."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from sourceflow.io import read_safetensors, save_safetensors
+
+    code = ("import sys, torch; from sourceflow.io import save_safetensors; "
+            "save_safetensors(sys.argv[1], {'b': torch.arange(3.0), 'a': torch.ones(2)}, "
+            "{'zeta': '1', 'alpha': '2', 'mid': '3', 'run_hash': 'abc', 'step': '7'})")
+    for name in ("x", "y", "z"):  # separate processes: separate hash seeds
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True, cwd=ROOT)
+    data = {(tmp_path / n).read_bytes() for n in ("x", "y", "z")}
+    assert len(data) == 1
+    with safe_open(str(tmp_path / "x"), framework="pt") as f:
+        assert list(f.metadata()) == ["sourceflow"]
+    t, meta = read_safetensors(tmp_path / "x", ["a"], "test file")
+    assert meta == {"alpha": "2", "mid": "3", "run_hash": "abc", "step": "7", "zeta": "1"}
+    save_safetensors(tmp_path / "w", {"a": torch.zeros(1)})
+    assert read_safetensors(tmp_path / "w", ["a"], "test file")[1] == {}

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sourceflow.io import unpack_metadata
 from sourceflow.store.latents import LatentStore, LatentWriter, expected_index_flip
 from sourceflow.store.stats import LatentStats, compute_latent_stats
 
@@ -238,7 +239,7 @@ def test_variance_only_normalization_matches_numpy_and_inverts(tmp_path):
     st = LatentStats.load(out)
     assert st.mode == "std" and st.eps == 1e-5
     with safe_open(str(out), "np") as f:
-        meta = f.metadata()
+        meta = unpack_metadata(f.metadata())
     assert meta["normalize"] == "std" and float(meta["eps"]) == 1e-5 and meta["num_rows"] == "60"
     x = data["spatial"].astype(np.float64)
     np.testing.assert_allclose(st.var.numpy(), x.var(0), rtol=1e-6)  # the variance around the mean
@@ -317,7 +318,7 @@ def test_latent_stats_subset_matches_numpy_of_those_rows(tmp_path, monkeypatch):
     def stage(out: Path, *args) -> tuple[LatentStats, dict]:
         run_stage("latent_stats", "--store", path, "--out", out, "--batch-rows", 4, *args)
         with safe_open(str(out), "np") as f:
-            return LatentStats.load(out), f.metadata()
+            return LatentStats.load(out), unpack_metadata(f.metadata())
 
     st, meta = stage(tmp_path / "a.safetensors", "--images", 11, "--seed", 3)
     rows = subset_rows(m, 11, 3)
