@@ -913,7 +913,7 @@ def latent_stats_mem_mb(spatial_shape: tuple[int, ...] | list[int], stats_batch_
     """``latent_stats``' memory (MB) from its batch and the store's row shape: the float64 batch
     (stats_batch_rows × C·H·W × 8 bytes) plus one Zarr read in flight (a quarter batch or one chunk of at most
     max(4 MiB, a row); ~3× its bytes inside Zarr and one copy of the rows taken), +25 %, plus 600 MB for
-    Python, torch and Zarr. The formula of ``latent_stats_mem_mb`` in workflow/rules/latents.smk."""
+    Python, torch and Zarr. The latent_stats rule's mem_mb (workflow/rules/latents.smk calls this)."""
     row = 4 * math.prod(int(d) for d in spatial_shape)
     rows = int(stats_batch_rows)
     read = 4 * max(rows // 4 * row, row, 4 << 20)
@@ -922,7 +922,7 @@ def latent_stats_mem_mb(spatial_shape: tuple[int, ...] | list[int], stats_batch_
 
 def build_spatial_gmm_mem_mb(memory_budget_mb: int) -> int:
     """``build_spatial_gmm``'s memory request (MB): the accumulator budget plus 4000 MB for the batch being
-    accumulated and the process (the rule's inline formula in workflow/rules/gmm.smk)."""
+    accumulated and the process (the build_spatial_gmm rule's mem_mb calls this)."""
     return int(memory_budget_mb) + 4000
 
 

@@ -13,6 +13,7 @@ from sourceflow.io import write_json  # noqa: E402
 from snakemake.settings.types import DeploymentMethod  # noqa: E402
 
 from sourceflow.launch import job_shell_prefix  # noqa: E402
+from sourceflow.plan import build_spatial_gmm_mem_mb  # noqa: E402  (resources by the resource plan's formulas)
 
 # Without --sdm conda jobs run `python` from the environment running Snakemake (the project's .venv); under
 # --sdm conda the activated env's python (sourceflow.launch.job_shell_prefix says why).

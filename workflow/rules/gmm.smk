@@ -52,7 +52,7 @@ rule build_spatial_gmm:
     threads: 8
     resources:
         gpu=0,
-        mem_mb=lambda wc: gmm_spec(wc)["memory_budget_mb"] + 4000,
+        mem_mb=lambda wc: build_spatial_gmm_mem_mb(gmm_spec(wc)["memory_budget_mb"]),  # the plan's formula
         runtime=480,
     shell:
         "python stages/build_spatial_gmm.py --store {params.store} --stats {input.stats} --cls-gmm {input.gmm} "

@@ -39,20 +39,14 @@ def latent_stats_subset(wc):
 
 
 def latent_stats_mem_mb(wc, input):
-    """latent_stats' memory from its settings and the store's row shape (latents.json): the float64 batch
-    (stats_batch_rows x C*H*W x 8 bytes) plus one Zarr read in flight (a quarter batch or one chunk of at
-    most max(4 MiB, a row); ~3x its bytes inside Zarr and one copy of the rows taken), +25%, plus 600 MB
-    for Python, torch and Zarr.
-    Before extraction latents.json does not exist: the FileNotFoundError makes Snakemake evaluate this
-    again once the job is ready (a dry run shows it as <TBD>)."""
+    """latent_stats' memory from its settings and the store's row shape (latents.json), by the resource
+    plan's formula (sourceflow.plan.latent_stats_mem_mb). Before extraction latents.json does not exist: the
+    FileNotFoundError makes Snakemake evaluate this again once the job is ready (a dry run shows <TBD>)."""
+    from sourceflow.plan import latent_stats_mem_mb as formula
+
     with open(input.done) as f:
         shape = json.load(f)["spatial_shape"]
-    row = 4
-    for d in shape:
-        row *= int(d)
-    rows = encoder_spec(wc)["stats_batch_rows"]
-    read = 4 * max(rows // 4 * row, row, 4 << 20)
-    return int(1.25 * (2 * rows * row + read) / 1e6) + 600
+    return formula(shape, encoder_spec(wc)["stats_batch_rows"])
 
 
 rule latent_stats:
