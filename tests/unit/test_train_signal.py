@@ -17,8 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sourceflow.build import PointData, build_method, build_model, save_points
-from sourceflow.data import toy
+from sourceflow.build import PointData, build_method, build_model
 from sourceflow.train import loop
 from sourceflow.train.loop import EXIT_INTERRUPTED, ArrayDataset, Interrupted, TrainSettings, train
 
@@ -26,15 +25,6 @@ from .test_train import make_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 STOPPED = re.compile(r"stopped on (SIG\w+) after step (\d+)")
-
-
-@pytest.fixture(scope="module")
-def points(tmp_path_factory) -> tuple[PointData, Path]:
-    d = toy.sample("moons", 256, torch.Generator().manual_seed(0))
-    pts = PointData(d.x, d.label, 2)
-    path = tmp_path_factory.mktemp("toy") / "toy.safetensors"
-    save_points(path, {"train": pts}, {"distribution": "moons", "seed": "0"})
-    return pts, path
 
 
 def wait_for_log(path: Path, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:

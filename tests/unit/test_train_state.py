@@ -13,23 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sourceflow.build import PointData, build_method, build_model, save_points
-from sourceflow.data import toy
+from sourceflow.build import build_method, build_model
 from sourceflow.train.checkpoint import load_checkpoint
 from sourceflow.train.loop import ArrayDataset, TrainSettings, state_digest, train
 
 from .test_train import make_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def points(tmp_path_factory) -> tuple[PointData, Path]:
-    d = toy.sample("moons", 256, torch.Generator().manual_seed(0))
-    pts = PointData(d.x, d.label, 2)
-    path = tmp_path_factory.mktemp("toy") / "toy.safetensors"
-    save_points(path, {"train": pts}, {"distribution": "moons", "seed": "0"})
-    return pts, path
 
 
 def _train(spec, pts, out, gmm=None, **kw):
