@@ -143,6 +143,7 @@ def write_samples(d: Path, images: np.ndarray) -> None:
     (d / "index.json").write_text(json.dumps({"euler-1": {}}))
     (d / "euler-1" / "info.json").write_text(json.dumps({"solver": "euler", "steps": 1, "nfe": 1, "num_samples": n}))
     z = zarr.open_group(str(d / "euler-1" / "samples.zarr"), mode="w")
+    z.create_array("images", data=images)
     z.create_array("energy", data=np.ones(n))
     z.create_array("displacement", data=np.ones(n))
     z.attrs["complete"] = True

@@ -32,23 +32,6 @@ rule extract_latents:
         "--device {params.device} --overwrite --out {params.store} > {log} 2>&1"
 
 
-def latent_stats_subset(wc):
-    """The stage's --images/--seed for an encoder's stats_images subset ("" = all rows)."""
-    spec = encoder_spec(wc)
-    return "" if spec["stats_images"] is None else f"--images {spec['stats_images']} --seed {spec['stats_seed']} "
-
-
-def latent_stats_mem_mb(wc, input):
-    """latent_stats' memory from its settings and the store's row shape (latents.json), by the resource
-    plan's formula (sourceflow.plan.latent_stats_mem_mb). Before extraction latents.json does not exist: the
-    FileNotFoundError makes Snakemake evaluate this again once the job is ready (a dry run shows <TBD>)."""
-    from sourceflow.plan import latent_stats_mem_mb as formula
-
-    with open(input.done) as f:
-        shape = json.load(f)["spatial_shape"]
-    return formula(shape, encoder_spec(wc)["stats_batch_rows"])
-
-
 rule latent_stats:
     input:
         done=f"{R}/{{dataset}}/{{encoder}}/latents.json",
