@@ -123,6 +123,18 @@ def summary_table(df: pd.DataFrame, metric: str = "w2sq") -> pd.DataFrame:
     return table.reset_index()
 
 
+def grid_entries(df: pd.DataFrame, dataset: str, euler_steps: list[int], limit: int = 6) -> list[str]:
+    """The sweep entries a dataset's sample grid shows: the configured Euler step counts that some
+    experiment sampled, then every other sampled entry (midpoint-k, dopri5, an Euler count not
+    configured) by NFE, at most ``limit`` in all, so that a config sampling only Euler 49 or midpoint /
+    dopri5 still gets a grid with its own entries rather than empty "not sampled" columns."""
+    d = df[df.dataset == dataset]
+    nfe = {_sweep_label(s, k): float(n) for s, k, n in zip(d.solver, d.steps, d.nfe, strict=True)}
+    wanted = [f"euler-{s}" for s in euler_steps if f"euler-{s}" in nfe]
+    rest = sorted((e for e in nfe if e not in wanted), key=lambda e: (e.startswith("dopri5"), nfe[e], e))
+    return [*wanted, *rest][:limit]
+
+
 def run_means(df: pd.DataFrame, metric: str, entry: str) -> pd.DataFrame:
     """Per experiment (:data:`KEYS`): mean, std and count over seeds of ``metric`` at one sweep entry."""
     d = keyed(df[df.metric == metric])

@@ -9,7 +9,8 @@ data: W2² over the sweep and per condition; images: FD, precision, recall and c
 sweep; straightness and coupling cost), w2_vs_nfe.png (toy datasets),
 fd_vs_nfe.png (image datasets), training_curves.png (loss and coupling cost against step for every run)
 and one samples_{dataset}.png per dataset: each experiment's first seed at the configured Euler step
-counts next to the data (scatter plots for toy data, image tiles for images).
+counts (then the other sampled entries: midpoint, dopri5) next to the data (scatter plots for toy data,
+image tiles for images).
 
 Example:
   python stages/report.py --runs results/moons/runs/*/seed* --data moons=results/moons/toy.safetensors \\
@@ -36,9 +37,9 @@ def main() -> None:
                    help="DATASET=MANIFEST of image datasets: real images for the grid's data column")
     p.add_argument("--fd-reference", nargs="*", default=[],
                    help="DATASET=NPZ reference statistics whose holdout_fd is the FD floor shown in the table")
-    p.add_argument("--scatter-steps", type=int, nargs="+", default=[1, 2, 8], help="Euler steps shown in the toy grids")
+    p.add_argument("--scatter-steps", type=int, nargs="+", default=[1, 2, 8], help="Euler steps shown first in the toy grids (then the other sampled entries, 6 columns at most)")
     p.add_argument("--scatter-points", type=int, default=2000, help="points per scatter panel")
-    p.add_argument("--grid-steps", type=int, nargs="+", default=[1, 2, 4, 50], help="Euler steps shown in the image grids")
+    p.add_argument("--grid-steps", type=int, nargs="+", default=[1, 2, 4, 50], help="Euler steps shown first in the image grids (then the other sampled entries, 6 columns at most)")
     p.add_argument("--grid-images", type=int, default=36, help="images per cell of the image grids")
     p.add_argument("--out", required=True, help="report directory")
     a = p.parse_args()
@@ -51,6 +52,7 @@ def main() -> None:
     from sourceflow.io import atomic_path, read_json
     from sourceflow.metrics.frechet import read_reference_npz
     from sourceflow.report import (
+        grid_entries,
         image_grid_png,
         metrics_frame,
         read_npz_rows,
@@ -105,14 +107,14 @@ def main() -> None:
         return out
 
     data_paths = dict(item.split("=", 1) for item in a.data)
-    cols = [f"euler-{s}" for s in a.scatter_steps]
     for ds in sorted(df.dataset.unique()):
         if ds in data_paths:
+            cols = grid_entries(df, ds, a.scatter_steps)
             ref = load_points(data_paths[ds], "test").x.numpy()
             scatter_grid_png(out / f"samples_{ds}.png", first_seed_samples(ds, cols, "x", a.scatter_points), cols, ref,
                              a.scatter_points)
-    grid_cols = [f"euler-{s}" for s in a.grid_steps]
     for ds, manifest in (item.split("=", 1) for item in a.images):
+        grid_cols = grid_entries(df, ds, a.grid_steps)
         tiles = first_seed_samples(ds, grid_cols, "arr_0", a.grid_images)
         m = read_manifest(manifest).split("train")
         rows = np.random.default_rng(0).choice(len(m.frame), min(a.grid_images, len(m.frame)), replace=False)

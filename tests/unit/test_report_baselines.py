@@ -20,6 +20,7 @@ from sourceflow.report import (
     combination_parents,
     combination_sentences,
     compare_cell,
+    grid_entries,
     match_baselines,
     match_reflows,
     metrics_frame,
@@ -241,3 +242,17 @@ def test_a_partial_spec_gives_empty_combination(missing):
             "coupling": {"kind": "independent"}, "conditioning": "none"}
     del spec[missing]
     assert identity(spec)["source"] == "" and identity(spec)["reflow_from"] == ""
+
+
+def test_grid_entries_show_what_was_sampled():
+    """The configured Euler counts that were sampled come first, then the other entries by NFE: a config
+    that samples Euler 49 only, or midpoint and dopri5 (cifar10-loom), gets its own columns."""
+    rows = [("a", "euler", 1, 1), ("a", "euler", 4, 4), ("a", "dopri5", None, 80), ("a", "midpoint", 2, 4),
+            ("a", "euler", 49, 49), ("b", "euler", 2, 2)]
+    df = pd.DataFrame([{"dataset": d, "experiment": "x", "solver": s, "steps": k, "nfe": n, "metric": "fd",
+                        "value": 1.0, "seed": 0} for d, s, k, n in rows])
+    df["steps"] = df["steps"].astype("Int64")
+    assert grid_entries(df, "a", [1, 2, 4, 50]) == ["euler-1", "euler-4", "midpoint-2", "euler-49", "dopri5"]
+    assert grid_entries(df, "a", [1, 2, 4, 50], limit=3) == ["euler-1", "euler-4", "midpoint-2"]
+    assert grid_entries(df, "b", [1, 2, 4, 50]) == ["euler-2"]
+    assert grid_entries(df, "c", [1]) == []
