@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CORES ?= all
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup lint clean-venv
+.PHONY: run test setup lint clean-venv rehearse
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Every full-scale config end to end on CPU against generated stand-ins (benchmarks/rehearse.py; ~20 min on
+# 2 idle cores); results/rehearsal/<config>/ holds each run.
+rehearse: $(STAMP)
+	$(BIN)/python benchmarks/rehearse.py --cores 2 --fresh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(rehearsal.FULL_CONFIGS))
     if unknown:
         p.error(f"not full-scale configs: {', '.join(unknown)} (choose from {', '.join(rehearsal.FULL_CONFIGS)})")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars of the stand-in models
     out = Path(a.out)
     if a.fresh:
         shutil.rmtree(out, ignore_errors=True)

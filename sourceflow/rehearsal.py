@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -643,13 +643,20 @@ def prepare(config_name: str, out: Path, scale: Scale = Scale()) -> tuple[Path, 
 
 
 def rehearse(config_name: str, out: Path, cores: int = 2, snakemake_args: tuple[str, ...] = (),
-             scale: Scale = Scale(), log: Any = print, timeout: float | None = None) -> Outcome:
-    """Derive, write stand-ins, run Snakemake in the config's own folder, check the outputs."""
+             scale: Scale = Scale(), log: Any = print, timeout: float | None = None,
+             patch: Callable[[Path], Any] | None = None) -> Outcome:
+    """Derive, write stand-ins, run Snakemake in the config's own folder, check the outputs. ``patch``
+    is called with the folder before Snakemake starts (a cluster's partition and account in its copy of
+    profiles/slurm, say)."""
     folder, cfg = prepare(config_name, out, scale)
+    if patch is not None:
+        patch(folder)
     write_standins(standin_plan(cfg), log)
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # --force-use-threads: Snakemake 9 spawns every `run:` job (the experiment_spec jobs) as a new
+    # `python -m snakemake` that re-parses the workflow, ~3.5 s of CPU each (~45 of them per image config)
     cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", "config/rehearsal.yaml",
-           *cpu_resources(snakemake_args), *snakemake_args]
+           "--force-use-threads", *cpu_resources(snakemake_args), *snakemake_args]
     t0, ru0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(folder / "snakemake.log", "w") as f:
         res = subprocess.run(cmd, cwd=folder, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)

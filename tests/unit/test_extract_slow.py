@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from sourceflow.store.latents import LatentStore, LatentWriter
 from tests.unit.test_store import ROOT, files, make_dataset, run_stage
@@ -16,13 +15,9 @@ from tests.unit.test_store import ROOT, files, make_dataset, run_stage
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, env):
-    import transformers as tf
+    from sourceflow.standins import dinov2_registers, save_pretrained
 
-    torch.manual_seed(0)
-    weights = tmp_path / "dino"
-    tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(
-        image_size=28, patch_size=14, num_register_tokens=4, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64)).save_pretrained(weights)
+    weights = save_pretrained(dinov2_registers(28, seed=0), tmp_path / "dino")
     manifest = make_dataset(tmp_path / "data", n=50, size=28)
     args = ["--manifest", manifest, "--encoder", "dinov2", "--weights", weights, "--resolution", 28, "--flips",
             "--batch-size", 4, "--shard-rows", 8]

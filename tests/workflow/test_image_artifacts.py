@@ -22,11 +22,9 @@ DIGITS = (ROOT / "tests" / "data" / "digits.yaml").read_text()
 
 def save_tiny_dinov2(path: Path) -> None:
     """A random-weight DINOv2-with-registers of the real class, saved like a downloaded checkpoint."""
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    from sourceflow.standins import dinov2_registers, save_pretrained
 
-    cfg = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    image_size=28, patch_size=14, num_register_tokens=4)
-    Dinov2WithRegistersModel(cfg).eval().save_pretrained(path)
+    save_pretrained(dinov2_registers(28, seed=None), path)
 
 
 @pytest.fixture(scope="module")
