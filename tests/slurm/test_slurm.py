@@ -42,9 +42,10 @@ report:
   scatter_points: 300
 """
 # The cluster's facts, not job shapes: no accounting database, so job states come from squeue (which
-# keeps finished jobs for MinJobAge); the first status check soon after a submission.
+# keeps finished jobs for MinJobAge); the first status check soon after a submission and then every 2 s
+# (the default 10 s between rounds made a chain of short jobs mostly waiting).
 CLUSTER = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
-           "--slurm-keep-successful-logs"]
+           "--seconds-between-status-checks", "2", "--slurm-keep-successful-logs"]
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
 FAILED = re.compile(r"SLURM-job '(\d+)' failed, SLURM status is: '(\w+)'")
 
@@ -76,12 +77,19 @@ def same_weights(a: Path, b: Path) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def start_cluster() -> bool:
+    """Starts the local cluster (idempotent); False where it cannot be (it needs root or sudo)."""
     if os.geteuid() != 0 and shutil.which("sudo") is None:
-        pytest.skip("starting the local SLURM cluster needs root or sudo")
+        return False
     res = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"local cluster did not start:\n{res.stdout}\n{res.stderr}"
+    return True
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if not start_cluster():
+        pytest.skip("starting the local SLURM cluster needs root or sudo")
     yield
 
 
