@@ -4,6 +4,7 @@ killed job never leaves a partial file that looks finished."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -16,6 +17,22 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str | Path) -> Iterator[None]:
+    """Re-raise a disk-full OSError (ENOSPC, EDQUOT) that names no file with ``path`` as its file name: a plain
+    ``write`` (and every Zarr chunk write) reports none, and the stage's one-line error (``sourceflow.cli.run``)
+    should say where the disk filled up."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in FULL_DISK and not e.filename:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync and rename it over ``path``."""
@@ -26,10 +43,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; an artifact gets the usual permissions (shared groups)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        with naming_full_disk(path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

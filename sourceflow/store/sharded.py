@@ -8,6 +8,8 @@ A shard is written in one call per array, the files are fsynced, and only then i
 most a shard without a marker, which a resumed run rewrites; the marker, not the presence of data,
 decides what is finished (missing Zarr chunks silently read as the fill value). ``complete`` is set
 only once every marker is present and every file has its recorded size; the markers are then removed.
+A full disk fails the write with an OSError naming the store (Zarr's own names no file), which the stages
+report as one line; the store stays incomplete and resumes once space is freed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sourceflow.io import naming_full_disk
 
 DONE_DIR = "_done"
 CHUNK_TARGET_BYTES = 4 << 20
@@ -77,18 +81,20 @@ def create_sharded_group(path: str | Path, arrays: dict[str, tuple[Sequence[int]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        codecs = compressors(compressor)
-        for name, (shape, dtype) in arrays.items():
-            shape = tuple(int(s) for s in shape)
-            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-            group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk_rows(shard_rows, row_bytes), *shape[1:]),
-                               shards=(shard_rows, *shape[1:]), compressors=codecs, fill_value=0,
-                               config={"write_empty_chunks": True})
-        group.attrs.update(jsonable({**attrs, "shard_rows": int(shard_rows), "compressor": compressor,
-                                     "complete": False}))
-        (tmp / DONE_DIR).mkdir()
-        os.replace(tmp, path)
+        with naming_full_disk(path):  # names the store, not the temporary folder that is removed
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            codecs = compressors(compressor)
+            for name, (shape, dtype) in arrays.items():
+                shape = tuple(int(s) for s in shape)
+                row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+                group.create_array(name, shape=shape, dtype=dtype,
+                                   chunks=(chunk_rows(shard_rows, row_bytes), *shape[1:]),
+                                   shards=(shard_rows, *shape[1:]), compressors=codecs, fill_value=0,
+                                   config={"write_empty_chunks": True})
+            group.attrs.update(jsonable({**attrs, "shard_rows": int(shard_rows), "compressor": compressor,
+                                         "complete": False}))
+            (tmp / DONE_DIR).mkdir()
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -154,16 +160,17 @@ class ShardedWriter:
         files = self.shard_files(s)
         for f in files.values():  # a previous attempt's (maybe truncated) shard file: never read it back
             f.unlink(missing_ok=True)
-        for name, arr in self.arrays.items():
-            arr[a:b] = np.ascontiguousarray(arrays[name], dtype=arr.dtype)
-        sizes = {}
-        for name, f in files.items():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            sizes[name] = f.stat().st_size
+        with naming_full_disk(self.path):
+            for name, arr in self.arrays.items():
+                arr[a:b] = np.ascontiguousarray(arrays[name], dtype=arr.dtype)
+            sizes = {}
+            for name, f in files.items():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                sizes[name] = f.stat().st_size
         from sourceflow.io import write_json
 
         write_json(self.marker(s), {"shard": s, "rows": [a, b], "bytes": sizes})
@@ -186,5 +193,6 @@ class ShardedWriter:
 
     def mark_complete(self) -> None:
         """Set ``complete`` (after the checks passed), then drop the done markers."""
-        self.group.attrs["complete"] = True
+        with naming_full_disk(self.path):
+            self.group.attrs["complete"] = True
         shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
