@@ -653,10 +653,8 @@ def rehearse(config_name: str, out: Path, cores: int = 2, snakemake_args: tuple[
         patch(folder)
     write_standins(standin_plan(cfg), log)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    # --force-use-threads: Snakemake 9 spawns every `run:` job (the experiment_spec jobs) as a new
-    # `python -m snakemake` that re-parses the workflow, ~3.5 s of CPU each (~45 of them per image config)
     cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", "config/rehearsal.yaml",
-           "--force-use-threads", *cpu_resources(snakemake_args), *snakemake_args]
+           *cpu_resources(snakemake_args), *snakemake_args]
     t0, ru0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(folder / "snakemake.log", "w") as f:
         res = subprocess.run(cmd, cwd=folder, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)

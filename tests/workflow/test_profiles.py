@@ -14,8 +14,9 @@ from .helpers import ROOT, scratch_repo, snakemake
 
 PROFILES = ROOT / "profiles"
 FULL_SCALE = "imagenet256-mmfm.yaml"
-# Keys the workflow profile may hold: the same meaning for local and cluster runs.
-HARMLESS = {"rerun-incomplete", "show-failed-logs", "printshellcmds"}
+# Keys the workflow profile may hold: the same meaning for local and cluster runs (force-use-threads only
+# concerns local `run:` jobs, which a cluster run also runs in its own process).
+HARMLESS = {"rerun-incomplete", "show-failed-logs", "printshellcmds", "force-use-threads"}
 
 
 def profile(name: str) -> dict:

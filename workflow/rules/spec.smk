@@ -1,6 +1,7 @@
 # Experiment specs: the resolved settings of each experiment, split by the stage that reads them, so
 # that changing a sampling setting reruns sample/evaluate but not train. Written in the Snakemake
-# process (no job start-up); the param is a short hash, so dry-run reasons stay readable.
+# process (no job start-up: profiles/default sets force-use-threads); the param is a short hash, so dry-run
+# reasons stay readable.
 
 
 localrules:
