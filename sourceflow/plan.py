@@ -939,6 +939,13 @@ def nfe_of(solver: str, steps: int | None, dopri5_nfe: int = 100) -> int:
 INCEPTION_FLOPS = 2 * 5.71e9  # InceptionV3 at 299 px: 5.71 G multiply-adds per image (FID features)
 INCEPTION_PARAMS = 23_900_000
 
+# Host bytes matplotlib adds per pixel of the tile it is drawing in the report's image grids (the tile is
+# uint8 RGB; 64 B is what two float64 RGBA copies would take, 2 x 4 x 8 B; not traced further). Measured
+# with stages/report.py on the imagenet256-mmfm rehearsal (VmHWM): 2, 4, 8 tiles at grid_images 4 and 16 fit
+# peak = 0.53 GB + tiles x tile bytes + 64.6 B x tile pixels, which predicts grid_images 36 (3.91 GB) within
+# 0.1 % (benchmarks/RESULTS.md, "Plan vs rehearsal").
+GRID_RENDER_BYTES_PER_PX = 64
+
 
 def _build_encoder(kind: str, geo: EncoderGeometry, resolution: int) -> tuple[Any, Any, Any]:
     """(module, encode(x), decode(z) or None) of an encoder kind at its published size (the real classes)."""
@@ -1039,6 +1046,8 @@ def run_fake_forward(specs: list[dict[str, Any]], data: ShapeData, batch: int, c
                 cond = pack_text(torch.zeros(batch, length, width), torch.ones(batch, length, dtype=torch.bool))
             elif specs[0]["conditioning"] in ("label", "mode"):
                 cond = torch.zeros(batch, dtype=torch.int64)
+            elif specs[0]["conditioning"] != "none":  # continuous toy conditions (angle, xcoord)
+                cond = torch.zeros(batch, data.condition(specs[0]["conditioning"]).shape[-1])
             if method.source.__class__.__name__ == "LearnedSource":
                 x = method.source.transform(torch.zeros_like(x), torch.zeros(batch, 1), cond).x0
             vs = []
@@ -1727,10 +1736,33 @@ class Planner:
                            terms=self._terms(gpu=gpu, host=host))
 
     def _report(self, job: Job) -> Entry:
+        """The report's peak is its largest image sample grid (``sourceflow.report.image_grid_png``): per image
+        dataset with runs, rows = its experiments, columns = its sweep entries (at most 6) + the real images;
+        each cell a tile of grid_images images, ``side = ceil(sqrt(grid_images))`` to a side, (side (R + 1) + 1)
+        px square, upscaled ``scale``x (nearest) as uint8 RGB. The figure keeps every tile; drawing one costs
+        :data:`GRID_RENDER_BYTES_PER_PX` per tile pixel more. One grid at a time (each figure is closed)."""
+        import inspect
+
+        from sourceflow.config import sweep_entries
+        from sourceflow.report import image_grid_png
+
         gi = int(self.config.get("report", {}).get("grid_images", 36))
-        res = max([self.ds(d)["resolution"] for d in self.facts] or [8])
-        host = {"process": self.io.cpu_process_gb, "grid rows of every run (grid_images x R^2 x 3 x runs)":
-                gi * res * res * 3 * max(1, len(self.specs)) * 4 / GB}
+        scale = int(inspect.signature(image_grid_png).parameters["scale"].default)
+        side = math.ceil(math.sqrt(gi))
+        host = {"process": self.io.cpu_process_gb}
+        grids: dict[str, tuple[float, float]] = {}
+        for d in self.facts:
+            exps = [s for s in self.specs.values() if s["data"] == d]
+            if not exps:
+                continue
+            cols = min(6, len({tag for s in exps for tag, *_ in sweep_entries(s["sample"])})) + 1
+            px = ((side * (self.ds(d)["resolution"] + 1) + 1) * scale) ** 2
+            grids[f"{d}: {len(exps)} x {cols} tiles of {math.isqrt(px)}^2 px x 3 B"] = (len(exps) * cols * 3 * px / GB,
+                                                                                      GRID_RENDER_BYTES_PER_PX * px / GB)
+        if grids:
+            name, (tiles, render) = max(grids.items(), key=lambda kv: sum(kv[1]))
+            host[f"sample grid {name}"] = tiles
+            host[f"drawing one tile: {GRID_RENDER_BYTES_PER_PX} B per tile pixel"] = render
         return self._entry(job, host_mem_gb=round(sum(host.values()), 3), disk_gb=0.05, terms=self._terms(host=host))
 
 
