@@ -1739,16 +1739,12 @@ class Planner:
         """The report's peak is its largest image sample grid (``sourceflow.report.image_grid_png``): per image
         dataset with runs, rows = its experiments, columns = its sweep entries (at most 6) + the real images;
         each cell a tile of grid_images images, ``side = ceil(sqrt(grid_images))`` to a side, (side (R + 1) + 1)
-        px square, upscaled ``scale``x (nearest) as uint8 RGB. The figure keeps every tile; drawing one costs
+        px square, enlarged by ``sourceflow.report.grid_scale`` (nearest) as uint8 RGB. The figure keeps every tile; drawing one costs
         :data:`GRID_RENDER_BYTES_PER_PX` per tile pixel more. One grid at a time (each figure is closed)."""
-        import inspect
-
         from sourceflow.config import sweep_entries
-        from sourceflow.report import image_grid_png
+        from sourceflow.report import grid_scale, grid_tile_px
 
         gi = int(self.config.get("report", {}).get("grid_images", 36))
-        scale = int(inspect.signature(image_grid_png).parameters["scale"].default)
-        side = math.ceil(math.sqrt(gi))
         host = {"process": self.io.cpu_process_gb}
         grids: dict[str, tuple[float, float]] = {}
         for d in self.facts:
@@ -1756,7 +1752,8 @@ class Planner:
             if not exps:
                 continue
             cols = min(6, len({tag for s in exps for tag, *_ in sweep_entries(s["sample"])})) + 1
-            px = ((side * (self.ds(d)["resolution"] + 1) + 1) * scale) ** 2
+            tile = grid_tile_px(gi, self.ds(d)["resolution"])
+            px = (tile * grid_scale(tile)) ** 2
             grids[f"{d}: {len(exps)} x {cols} tiles of {math.isqrt(px)}^2 px x 3 B"] = (len(exps) * cols * 3 * px / GB,
                                                                                       GRID_RENDER_BYTES_PER_PX * px / GB)
         if grids:

@@ -124,15 +124,18 @@ def summary_table(df: pd.DataFrame, metric: str = "w2sq") -> pd.DataFrame:
 
 
 def grid_entries(df: pd.DataFrame, dataset: str, euler_steps: list[int], limit: int = 6) -> list[str]:
-    """The sweep entries a dataset's sample grid shows: the configured Euler step counts that some
-    experiment sampled, then every other sampled entry (midpoint-k, dopri5, an Euler count not
-    configured) by NFE, at most ``limit`` in all, so that a config sampling only Euler 49 or midpoint /
+    """The sweep entries a dataset's sample grid shows, by NFE (dopri5 last): the configured Euler step
+    counts that some experiment sampled, then every other sampled entry (midpoint-k, dopri5, an Euler count
+    not configured) by NFE, at most ``limit`` in all, so that a config sampling only Euler 49 or midpoint /
     dopri5 still gets a grid with its own entries rather than empty "not sampled" columns."""
     d = df[df.dataset == dataset]
     nfe = {_sweep_label(s, k): float(n) for s, k, n in zip(d.solver, d.steps, d.nfe, strict=True)}
     wanted = [f"euler-{s}" for s in euler_steps if f"euler-{s}" in nfe]
-    rest = sorted((e for e in nfe if e not in wanted), key=lambda e: (e.startswith("dopri5"), nfe[e], e))
-    return [*wanted, *rest][:limit]
+    def order(e: str) -> tuple:
+        return e.startswith("dopri5"), nfe[e], e
+
+    rest = sorted((e for e in nfe if e not in wanted), key=order)
+    return sorted([*wanted, *rest][:limit], key=order)  # chosen: configured first; shown: by NFE, dopri5 last
 
 
 def run_means(df: pd.DataFrame, metric: str, entry: str) -> pd.DataFrame:
@@ -258,11 +261,29 @@ def read_npz_rows(path: str | Path, key: str, stop: int | None = None) -> np.nda
             return out
 
 
-def image_grid_png(path: str | Path, samples: dict[str, dict[str, np.ndarray]], columns: list[str],
-                   reference: np.ndarray, per_cell: int = 36, scale: int = 4) -> None:
-    """Rows: experiments; columns: sweep entries (e.g. euler-1 … euler-50) and the real images. Each cell
-    is a square tile of the first ``per_cell`` uint8 NHWC images, upscaled ``scale``× (nearest)."""
+GRID_TILE_TARGET_PX = 512  # a grid tile is enlarged (nearest) until about this size, 4x at most
+
+
+def grid_scale(tile_px: int) -> int:
+    """Nearest-neighbour enlargement of a grid tile of ``tile_px`` pixels a side: small images (8-px digits)
+    up to 4x so that matplotlib's resampling keeps their pixels square; a tile of 256-px images (1,543 px for
+    36) as it is: 4x would be 114 MB of uint8 that matplotlib draws at ~64 B per pixel (~3.7 GB)."""
+    return max(1, min(4, GRID_TILE_TARGET_PX // max(tile_px, 1)))
+
+
+def grid_tile_px(per_cell: int, image_px: int) -> int:
+    """Side in pixels of one grid tile of ``per_cell`` images of ``image_px``, 1-px white gutters, before
+    :func:`grid_scale`."""
     side = int(np.ceil(np.sqrt(per_cell)))
+    return side * (image_px + 1) + 1
+
+
+def image_grid_png(path: str | Path, samples: dict[str, dict[str, np.ndarray]], columns: list[str],
+                   reference: np.ndarray, per_cell: int = 36) -> None:
+    """Rows: experiments; columns: sweep entries (e.g. euler-1 … euler-50) and the real images. Each cell
+    is a square tile of the first ``per_cell`` uint8 NHWC images, enlarged by :func:`grid_scale` (nearest)."""
+    side = int(np.ceil(np.sqrt(per_cell)))
+    scale = grid_scale(grid_tile_px(per_cell, reference.shape[1]))
 
     def tile(x: np.ndarray) -> np.ndarray:
         x = x[:side * side]

@@ -103,15 +103,17 @@ def test_summarise_median_and_worst() -> None:
 
 
 def test_report_grid_terms() -> None:
-    """The report's host memory is its largest image grid: tiles kept by the figure plus one being drawn."""
-    from sourceflow.report import image_grid_png  # noqa: F401  (the plan reads its scale default)
+    """The report's host memory is its largest image grid: tiles kept by the figure plus one being drawn;
+    a tile of 36 256-px images (1,543 px) is drawn as it is, one of 8-px digits enlarged 4x."""
+    from sourceflow.report import grid_scale
 
+    assert grid_scale(6 * 257 + 1) == 1 and grid_scale(6 * 9 + 1) == 4 and grid_scale(6 * 33 + 1) == 2
     cfg = plan.load_config(ROOT / "config" / "imagenet256-mmfm.yaml")
     planner = plan.Planner(cfg)
     e = planner._report(Job("report"))
     exps = [s for s in planner.specs.values() if s["data"] == "imagenet256"]
     side = math.ceil(math.sqrt(cfg["report"]["grid_images"]))
-    px = ((side * (256 + 1) + 1) * 4) ** 2
+    px = (side * (256 + 1) + 1) ** 2
     tiles = len(exps) * 2 * 3 * px  # one sweep entry (euler-49) + the real images per row
     assert e.host_mem_gb == pytest.approx(0.6 + tiles / 1e9 + plan.GRID_RENDER_BYTES_PER_PX * px / 1e9, abs=1e-3)
     toy = plan.Planner(plan.load_config(ROOT / "config" / "c2ot-moons.yaml"))._report(Job("report"))

@@ -255,4 +255,5 @@ def test_grid_entries_show_what_was_sampled():
     assert grid_entries(df, "a", [1, 2, 4, 50]) == ["euler-1", "euler-4", "midpoint-2", "euler-49", "dopri5"]
     assert grid_entries(df, "a", [1, 2, 4, 50], limit=3) == ["euler-1", "euler-4", "midpoint-2"]
     assert grid_entries(df, "b", [1, 2, 4, 50]) == ["euler-2"]
+    assert grid_entries(df, "a", [49], limit=3) == ["euler-1", "euler-4", "euler-49"]  # chosen first, shown by NFE
     assert grid_entries(df, "c", [1]) == []
