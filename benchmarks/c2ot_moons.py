@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from default_run import machine  # noqa: E402
 
+from sourceflow.io import read_timings  # noqa: E402
+
 CONFIG = ROOT / "config" / "c2ot-moons.yaml"
 CONDITION = {"none": "unc", "label": "cls", "xcoord": "x", "mode": "mode"}
 # hkchengrex/C2OT publishes no W2 numbers for moons.py in its README (checked 2026-12-02); its times per
@@ -95,13 +97,17 @@ def run(a) -> None:
     stop.set()
 
 
-def loop_seconds(log: Path) -> float:
-    """Training-loop seconds over all steps from train_log.jsonl: a resumed run restarts its clock (the log is
-    cut back to the checkpoint it resumed from), so the segments are added (steps redone after a kill are not
-    counted)."""
+def loop_seconds(log: Path, job_log: Path) -> float:
+    """Training-loop seconds over all steps: a resumed run restarts its clock, so the segments are added
+    (steps redone after a kill are not counted). The seconds of each record are in train_log.jsonl for runs
+    written before issue 10 item 7; since then in the train job's log (``timings`` lines, stage "train"),
+    which Snakemake rewrites when the job restarts: there only the last segment is known."""
     total, last = 0.0, 0.0
-    for line in log.read_text().splitlines():
-        sec = json.loads(line)["seconds"]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    secs = [r["seconds"] for r in records if "seconds" in r]
+    if len(secs) < len(records):  # new format (or a run resumed by the new code): the job log's records
+        secs = [r["seconds"] for r in read_timings(job_log, "train") if "step" in r]
+    for sec in secs:
         if sec < last:
             total += last
         last = sec
@@ -135,7 +141,8 @@ def collect(a) -> list[str]:
             summary = d / "train_summary.json"
             if summary.exists():
                 resumed = json.loads(summary.read_text())["resumed_from"]
-                secs.append(f"{loop_seconds(d / 'train_log.jsonl'):.0f}" + ("*" if resumed else ""))
+                job_log = results / "logs" / e["data"] / e["name"] / f"seed{seed}" / "train.log"
+                secs.append(f"{loop_seconds(d / 'train_log.jsonl', job_log):.0f}" + ("*" if resumed else ""))
                 tsv = results / "benchmarks" / e["data"] / e["name"] / f"seed{seed}" / "train.tsv"
                 if tsv.exists() and not resumed and f"{e['name']}/seed{seed}" not in a.run_dir:  # a resumed job's tsv: its last part
                     job_secs.append(float(pd.read_csv(tsv, sep="\t")["s"].iloc[0]))

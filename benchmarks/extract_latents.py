@@ -18,7 +18,6 @@ Prints one markdown table row per case, with the command that ran it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from sourceflow.io import read_timings  # noqa: E402
 
 
 def make_images(root: Path, n: int, size: int) -> Path:
@@ -98,8 +98,8 @@ def main() -> None:
                "--out", str(out)]
         if encoder == "dinov2":
             cmd += ["--weights", str(make_dinov2(work / "dinov2-tiny"))]
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        rep = json.loads(out.with_suffix(".json").read_text())
+        res = subprocess.run(cmd, check=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        rep = read_timings(res.stdout, "extract_latents")[-1]  # timings: on stdout, not in latents.json
         mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
         rows.append(f"| {case} | {n} | {rep['rows_per_s']:.1f} | {rep['load_share']:.1%} | {rep['encode_share']:.1%} "
                     f"| {rep['write_share']:.1%} | {rep['write_wait_share']:.1%} | {mb:.0f} MiB | `{shlex.join(cmd[1:]).replace(str(work), '$W')}` |")

@@ -71,6 +71,38 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+TIMINGS_TAG = "timings "
+
+
+def log_timings(stage: str, **fields: Any) -> dict[str, Any]:
+    """Print one ``timings {json}`` line to stdout, which every rule redirects to its log under results/logs.
+
+    Timings and host facts go here, never into an artifact: an artifact must be byte-identical across runs
+    of the same inputs and seed (issue 10, item 7). Returns the record (stage added)."""
+    rec = {"stage": stage, **fields}
+    print(TIMINGS_TAG + json.dumps(rec, sort_keys=True), flush=True)
+    return rec
+
+
+def read_timings(text_or_log: str | Path, stage: str | None = None) -> list[dict[str, Any]]:
+    """The ``log_timings`` records in a log file (a Path) or captured stdout (a str), oldest first; only
+    ``stage``'s when given. A missing log file is no records."""
+    if isinstance(text_or_log, Path):
+        if not text_or_log.exists():
+            return []
+        text_or_log = text_or_log.read_text(errors="replace")
+    out = []
+    for line in text_or_log.splitlines():
+        if line.startswith(TIMINGS_TAG):
+            try:
+                rec = json.loads(line[len(TIMINGS_TAG):])
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if stage is None or rec.get("stage") == stage:
+                out.append(rec)
+    return out
+
+
 META_KEY = "sourceflow"
 
 

@@ -64,7 +64,7 @@ def main() -> None:
 
     from sourceflow.gmm.diag import load_gmm_tensors
     from sourceflow.gmm.spatial import SpatialReport, accumulate, label_lookup, write_spatial_gmm
-    from sourceflow.io import read_safetensors, write_json
+    from sourceflow.io import log_timings, read_safetensors, write_json
     from sourceflow.store.latents import LatentStore
     from sourceflow.store.stats import LatentStats
 
@@ -119,9 +119,9 @@ def main() -> None:
               "counts": rep.counts, "empty_modes": rep.empty_modes, "singleton_modes": rep.singleton_modes,
               "empty_mode_variance": float(np.mean(fill)),
               "accumulator_bytes": rep.accumulator_bytes, "memory_mapped": rep.on_disk,
-              "memory_budget_mb": a.memory_budget_mb, "save_dtype": a.save_dtype,
-              "seconds": {"accumulate": acc_seconds, "total": time.perf_counter() - t0}}
+              "memory_budget_mb": a.memory_budget_mb, "save_dtype": a.save_dtype}
     write_json(out.with_name(out.name.removesuffix(".safetensors") + ".json"), report)
+    log_timings("build_spatial_gmm", accumulate=acc_seconds, total=time.perf_counter() - t0)
     print(f"wrote {out}: K={k}, {rep.num_rows} rows, {rep.empty_modes} empty modes, {rep.singleton_modes} "
           f"single-row modes ({a.variance} variances)")
 

@@ -6,8 +6,9 @@ The store is written shard by shard in place; each process owns whole shards. A 
 where it stopped when started again with the same arguments (finished shards are kept, a half-written
 one is redone) and ends byte-identical to an uninterrupted run: the model runs in eval mode, and every
 shard is encoded in the same fixed batches whatever the number of processes. The store is marked
-complete only after every shard is verified; then a JSON report (rows/s, share of time spent writing)
-is written beside it (`latents.zarr` -> `latents.json`), which is the file to depend on.
+complete only after every shard is verified; then a JSON report (rows, shards, settings) is written
+beside it (`latents.zarr` -> `latents.json`), which is the file to depend on. Its timings (rows/s, share
+of time spent writing) go to the log only (a `timings` line), so the report is byte-identical across runs.
 
 Several processes: launch with torchrun (one process per GPU; on CPU they talk over gloo):
   torchrun --standalone --nproc_per_node 2 stages/extract_latents.py ... --device cuda
@@ -122,7 +123,7 @@ def main() -> None:
     from sourceflow.data.images import BadImageError, to_model_range
     from sourceflow.data.manifest import manifest_hash, read_manifest
     from sourceflow.encoders import load_encoder
-    from sourceflow.io import read_json, write_json
+    from sourceflow.io import log_timings, read_json, write_json
     from sourceflow.progress import bar as progress_bar
     from sourceflow.store.latents import (
         LAYOUT_VERSION,
@@ -246,24 +247,26 @@ def main() -> None:
             "resolution": a.resolution, "split": a.split, "flips": a.flips, "num_images": num_images,
             "rows": num_rows, "rows_this_run": int(rows_done), "shards": writer.num_shards,
             "shards_resumed": resumed, "processes": dist.world, "device": str(device), "batch_size": a.batch_size,
-            "shard_rows": a.shard_rows, "workers": a.workers, "threads": a.threads, "wall_s": round(wall, 3),
-            "rows_per_s": round(rows_done / wall, 2) if wall > 0 else None,
-            # shares of the processes' summed wall time: waiting for images, encoding (incl. the copy to
-            # host memory), writing shards (in a background thread, overlapping the next shard's encoding)
-            # and waiting for that thread (the part of writing that is not hidden)
-            "load_share": round(load_s / busy, 4) if busy else None,
-            "encode_share": round(encode_s / busy, 4) if busy else None,
-            "write_share": round(write_s / busy, 4) if busy else None,
-            "write_wait_share": round(wait_s / busy, 4) if busy else None,
+            "shard_rows": a.shard_rows, "workers": a.workers, "threads": a.threads,
             "cls_dim": encoder.cls_dim, "spatial_shape": list(encoder.spatial_shape),
         }
         write_json(report_path, report)
         assert read_json(report_path)["rows"] == num_rows
         LatentStore.open(out)  # complete and readable
+        # shares of the processes' summed wall time: waiting for images, encoding (incl. the copy to host
+        # memory), writing shards (in a background thread, overlapping the next shard's encoding) and waiting
+        # for that thread (the part of writing that is not hidden); in the log, not in latents.json
+        t = log_timings("extract_latents", wall_s=round(wall, 3),
+                        rows_per_s=round(rows_done / wall, 2) if wall > 0 else None,
+                        load_share=round(load_s / busy, 4) if busy else None,
+                        encode_share=round(encode_s / busy, 4) if busy else None,
+                        write_share=round(write_s / busy, 4) if busy else None,
+                        write_wait_share=round(wait_s / busy, 4) if busy else None)
+        share = {k: f"{t[k]:.1%}" if t[k] is not None else "?" for k in t if k.endswith("_share")}
         print(f"wrote {out}: {num_rows} rows ({num_images} images{' + flips' if a.flips else ''}), "
-              f"{int(rows_done)} encoded now in {wall:.1f} s = {report['rows_per_s']} rows/s on {dist.world} "
-              f"process(es); share of time loading {report['load_share']:.1%}, encoding {report['encode_share']:.1%}, "
-              f"writing {report['write_share']:.1%} (waited for writes {report['write_wait_share']:.1%})")
+              f"{int(rows_done)} encoded now in {wall:.1f} s = {t['rows_per_s']} rows/s on {dist.world} "
+              f"process(es); share of time loading {share['load_share']}, encoding {share['encode_share']}, "
+              f"writing {share['write_share']} (waited for writes {share['write_wait_share']})")
     dist.close()
 
 

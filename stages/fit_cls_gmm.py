@@ -10,9 +10,10 @@ change of mean log-likelihood), but never an N×K matrix beyond one chunk, on CP
 GaussianMixture (full-batch; for cross-checks and small data).
 
 Writes, beside --out (same stem): <stem>.safetensors (weights [K], means [K, D], variances [K, D]),
-<stem>.json (backend, n, K, seed, init, iterations, converged, log-likelihood per iteration, seconds,
-hard-label counts), <stem>_labels.safetensors (`index` int64 [M]: manifest index per image (toy: row
-number), `labels` int64 [M]: hard mode), <stem>_weights.png (sorted mixture weights, log scale).
+<stem>.json (backend, n, K, seed, init, iterations, converged, log-likelihood per iteration,
+hard-label counts; the seconds go to the log as a `timings` line), <stem>_labels.safetensors (`index`
+int64 [M]: manifest index per image (toy: row number), `labels` int64 [M]: hard mode), <stem>_weights.png
+(sorted mixture weights, log scale).
 
 Example:
   python stages/fit_cls_gmm.py --store results/imagenet256/dinov2-b-reg/latents.zarr --components 8192 \\
@@ -119,7 +120,7 @@ def main() -> None:
     import torch
 
     from sourceflow.gmm.em import fit_diag_gmm, fit_sklearn, score_and_predict
-    from sourceflow.io import save_safetensors, write_json
+    from sourceflow.io import log_timings, save_safetensors, write_json
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     out = Path(a.out)
@@ -183,8 +184,6 @@ def main() -> None:
         "mean_log_likelihood": final_ll,  # of the saved parameters (the trace ends one M-step earlier)
         "max_iter": a.max_iter, "tol": a.tol, "reg_covar": a.reg_covar, "device": str(device) if a.backend == "torch"
         else "cpu", "dtype": a.dtype if a.backend == "torch" else "float64", "chunk_rows": fit.settings.get("chunk_rows"),
-        "seconds": {"read": read_seconds, "init": fit.init_seconds, "fit": fit.seconds,
-                    "total": time.perf_counter() - t0},
         "hard_label_counts": counts.tolist(), "empty_modes": int((counts == 0).sum()),
         "versions": {"torch": torch.__version__},
     }
@@ -193,6 +192,8 @@ def main() -> None:
 
         report["versions"]["sklearn"] = sklearn.__version__
     write_json(sibling(out, ".json"), report)
+    log_timings("fit_cls_gmm", read=read_seconds, init=fit.init_seconds, fit=fit.seconds,
+                total=time.perf_counter() - t0)
     print(f"wrote {out}: K={a.components}, mean log-likelihood {final_ll:.6f}, converged={fit.converged} after "
           f"{fit.n_iter} iterations ({fit.seconds:.1f} s), {report['empty_modes']} modes without a hard label")
 

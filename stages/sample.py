@@ -84,7 +84,7 @@ def toy_mode(a, spec) -> dict:
     import torch
 
     from sourceflow.config import sweep_tags
-    from sourceflow.io import atomic_path, read_json, write_json
+    from sourceflow.io import atomic_path, log_timings, read_json, write_json
     from sourceflow.sampling import generate
     from sourceflow.train.checkpoint import load_trained
 
@@ -123,10 +123,11 @@ def toy_mode(a, spec) -> dict:
             arrays["mode"] = res.mode
         with atomic_path(d / "samples.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        info = {"solver": solver, "steps": steps, "nfe": res.nfe, "seconds": round(res.seconds, 3),
-                "num_samples": n, "model_id": model_id, "seed": a.seed, "identity": identity}
+        info = {"solver": solver, "steps": steps, "nfe": res.nfe, "num_samples": n, "model_id": model_id,
+                "seed": a.seed, "identity": identity}
         write_json(info_path, info)
         index[tag] = info
+        log_timings("sample", tag=tag, seconds=round(res.seconds, 3))
         print(f"{tag}: {n} samples, NFE {res.nfe}, {res.seconds:.2f} s")
     return index
 
@@ -141,7 +142,7 @@ def image_mode(a, spec) -> dict | None:
 
     from sourceflow.config import sweep_entries
     from sourceflow.data.images import to_uint8
-    from sourceflow.io import read_json, write_json, write_npz_rows
+    from sourceflow.io import log_timings, read_json, write_json, write_npz_rows
     from sourceflow.sampling import generate, sample_store_arrays, write_sample_store
     from sourceflow.train.checkpoint import load_trained
     from sourceflow.train.loop import step_generator
@@ -216,11 +217,12 @@ def image_mode(a, spec) -> dict | None:
         nfe = np.asarray(z["nfe"][:])
         info = {"solver": solver, "steps": steps, "nfe": float(nfe.mean()) if solver == "dopri5" else int(nfe.max()),
                 "model_evals_per_step": 2 if (guide is not None or s["guidance_scale"] != 1.0) else 1,
-                "seconds": round(time.time() - t0, 3), "num_samples": n, "seed": a.seed, "processes": world,
+                "num_samples": n, "seed": a.seed, "processes": world,
                 "image_shape": list(images.shape[1:]), **ids, "identity": identity}
         write_json(info_path, info)
         index[tag] = info
-        print(f"{tag}: {n} images, NFE {info['nfe']}, {info['seconds']:.1f} s")
+        seconds = log_timings("sample", tag=tag, seconds=round(time.time() - t0, 3))["seconds"]
+        print(f"{tag}: {n} images, NFE {info['nfe']}, {seconds:.1f} s")
     state.wait_for_everyone()
     return index if rank == 0 else None
 

@@ -85,8 +85,9 @@ def main() -> None:
         return
     if int(os.environ.get("RANK", "0")) == 0:
         training_curves_png(Path(a.out) / "train_curves.png", {spec["name"]: [Path(a.out) / "train_log.jsonl"]})
-    print(f"trained {spec['name']} seed {a.seed}: {summary['steps']} steps in {summary['seconds']} s "
-          f"({summary['steps_per_second']} steps/s), coupling cost {summary['coupling_cost']:.4f}")
+    t = summary["timings"]
+    print(f"trained {spec['name']} seed {a.seed}: {summary['steps']} steps in {t['seconds']} s "
+          f"({t['steps_per_second']} steps/s), coupling cost {summary['coupling_cost']:.4f}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ cosine learning-rate decay; seeded and deterministic on CPU for a fixed --thread
 
 Writes OUT (safetensors weights; the architecture config is JSON in its metadata) and a report JSON
 (unless --report is given: report.json beside OUT) with held-out accuracy (overall and per class), train accuracy, loss
-per epoch, sizes, timing and the config.
+per epoch, sizes and the config (the timings go to the log as a `timings` line).
 
 Example:
   python stages/train_feature_net.py --manifest results/digits/manifest.parquet --resolution 8 \\
@@ -50,7 +50,7 @@ def main() -> None:
 
     from sourceflow.data.images import load_images, to_model_range
     from sourceflow.data.manifest import manifest_hash, read_manifest
-    from sourceflow.io import write_json
+    from sourceflow.io import log_timings, write_json
     from sourceflow.models.feature_net import FeatureNet, FeatureNetConfig
 
     t_start = time.perf_counter()
@@ -132,14 +132,15 @@ def main() -> None:
         "test_accuracy_per_class": per_class, "num_train": len(y_train), "num_test": len(y_test),
         "num_classes": num_classes, "resolution": res, "epochs": a.epochs, "batch_size": a.batch_size,
         "lr": a.lr, "weight_decay": a.weight_decay, "shift": a.shift, "seed": a.seed, "threads": a.threads,
-        "train_loss_per_epoch": losses, "seconds_loading": t_loaded - t_start,
-        "seconds_training": t_trained - t_loaded, "seconds_total": time.perf_counter() - t_start,
+        "train_loss_per_epoch": losses,
         "manifest": str(a.manifest), "manifest_hash": manifest_hash(a.manifest), "weights": str(a.out),
         "config": {"widths": list(cfg.widths), "feature_dim": cfg.feature_dim, "grid": cfg.grid},
     }
     write_json(a.report or Path(a.out).parent / "report.json", report)
+    log_timings("train_feature_net", seconds_loading=t_loaded - t_start, seconds_training=t_trained - t_loaded,
+                seconds_total=time.perf_counter() - t_start)
     print(f"wrote {a.out}: held-out accuracy {acc:.4f} on {len(y_test)} test images "
-          f"(train {report['train_accuracy']:.4f}), {report['seconds_training']:.1f} s training")
+          f"(train {report['train_accuracy']:.4f}), {t_trained - t_loaded:.1f} s training")
 
 
 if __name__ == "__main__":

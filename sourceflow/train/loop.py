@@ -38,7 +38,7 @@ from accelerate import Accelerator
 
 from sourceflow.flow.couplings import Batch, mean_coupling_cost
 from sourceflow.flow.method import Method, Objective
-from sourceflow.io import atomic_path, save_safetensors, write_json
+from sourceflow.io import atomic_path, log_timings, save_safetensors, write_json
 from sourceflow.progress import bar as progress_bar
 from sourceflow.train.checkpoint import load_checkpoint, save_checkpoint
 from sourceflow.train.ema import EMA
@@ -339,6 +339,9 @@ def train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings: 
     the EMA of a learned source). ``stop_after`` ends the process after that many steps without
     writing final outputs (for tests of the resume path; a kill does the same). A stop signal
     (``STOP_SIGNALS``) checkpoints at the end of the current step and raises ``Interrupted``.
+    The files hold no timings (byte-identical across runs): the seconds since this process's start at each
+    log record and the loop's total go to stdout (``sourceflow.io.log_timings``, stage "train") and into the
+    returned summary's "timings" ({"seconds", "steps_per_second", "log": [[step, seconds], ...]}).
     """
     with StopSignals() as stop:
         return _train(model, method, data, settings, seed, out_dir, run_hash, resume, accelerator, progress,
@@ -454,6 +457,7 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
     window: dict[str, list[float]] = {}
     shards_disjoint = None
     t0 = time.time()
+    log_seconds: list[list[float]] = []  # [step, seconds since t0] of each log record (not in the log file)
     step = start
     for step in range(start, settings.steps):
         for group in opt.param_groups:
@@ -545,9 +549,11 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
                 means = dict(zip(keys, red.tolist(), strict=True))
             window = {}
             if acc.is_main_process:
-                rec = {"step": done, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3), **means}
+                rec = {"step": done, "lr": opt.param_groups[0]["lr"], **means}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+                log_seconds.append([done, round(time.time() - t0, 3)])
+                log_timings("train", step=done, seconds=log_seconds[-1][1])
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
             if settings.trackers:
                 acc.log({"lr": opt.param_groups[0]["lr"], **means}, step=done)
@@ -589,8 +595,8 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
     eval_batches = [data.batch(plan.indices(settings.steps + i), device) for i in range(4)]
     with torch.no_grad():
         cost = mean_coupling_cost(method.coupling, eval_batches, method.source, step_generator(seed, -1, "cost"))
-    summary = {"steps": settings.steps, "resumed_from": start, "seconds": round(seconds, 3), "skipped_steps": skipped,
-               "steps_per_second": round((settings.steps - start) / max(seconds, 1e-9), 2),
+    timings = {"seconds": round(seconds, 3), "steps_per_second": round((settings.steps - start) / max(seconds, 1e-9), 2)}
+    summary = {"steps": settings.steps, "resumed_from": start, "skipped_steps": skipped,
                "world_size": world, "rank_weight_checksums": checks, "shards_disjoint": shards_disjoint,
                "coupling_cost": cost, "run_hash": run_hash,
                "num_parameters": sum(p.numel() for p in model.parameters())}
@@ -602,5 +608,6 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
         tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
         save_safetensors(out / "model.safetensors", tensors, {"run_hash": run_hash, "step": str(settings.steps)})
         write_json(out / "train_summary.json", summary)
+        log_timings("train", **timings)
     acc.wait_for_everyone()
-    return summary
+    return {**summary, "timings": {**timings, "log": log_seconds}}

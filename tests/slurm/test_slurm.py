@@ -142,10 +142,10 @@ def steps_per_second(batch_size: int) -> float:
     pts = PointData(d.x, d.label, 2)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:
-        train(build_model(spec, pts), build_method(spec, pts, 0, None), ArrayDataset(pts.x),
-              TrainSettings.from_spec(spec["train"]), 0, out, "calibration", progress=False)
-        log = [json.loads(ln) for ln in (Path(out) / "train_log.jsonl").read_text().splitlines()]
-    return (log[-1]["step"] - log[0]["step"]) / (log[-1]["seconds"] - log[0]["seconds"])
+        summary = train(build_model(spec, pts), build_method(spec, pts, 0, None), ArrayDataset(pts.x),
+                        TrainSettings.from_spec(spec["train"]), 0, out, "calibration", progress=False)
+    log = summary["timings"]["log"]  # [step, seconds] of each log record (train_log.jsonl holds no timings)
+    return (log[-1][0] - log[0][0]) / (log[-1][1] - log[0][1])
 
 
 WORK_SECONDS = 90  # training the wall-time job needs at this machine's measured speed
