@@ -305,7 +305,7 @@ def _semantic_checks(spec: dict[str, Any], where: str) -> None:
     ds = spec["dataset"]
     if cpl["kind"] == "loom" and not image and spec["train"]["batch_size"] > ds["n_train"]:
         raise ConfigError(f"config: {where}.overrides.train.batch_size: larger than the dataset ({ds['n_train']})")
-    if spec["train"]["batch_size"] % spec["train"]["grad_accum"]:
+    if spec["train"]["grad_accum"] != "auto" and spec["train"]["batch_size"] % spec["train"]["grad_accum"]:
         raise ConfigError(f"config: {where}.overrides.train.grad_accum: must divide batch_size "
                           f"({spec['train']['batch_size']})")
     guide = spec["sample"].get("autoguidance")

@@ -1132,6 +1132,24 @@ def choose_grad_accum(spec: dict[str, Any], gpu_mem_gb: float, headroom: float =
                      f"{gpu_mem_gb:g} GB x {1 - headroom:.2f}")
 
 
+def device_grad_accum(spec: dict[str, Any], headroom: float = 0.10) -> tuple[int, str]:
+    """What ``train.grad_accum: auto`` is on this machine, and a line saying why: on a GPU,
+    :func:`choose_grad_accum` for that GPU's memory (the same measurement as the plan, cached, so the plan and
+    the run agree); without one, 1 (no device memory to fit). Under torchrun each process asks for its own
+    LOCAL_RANK GPU (equal GPUs give equal answers)."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return 1, "train.grad_accum auto: 1 (no GPU, nothing to fit)"
+    props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
+    mem = props.total_memory / GB
+    n = choose_grad_accum(spec, mem, headroom)
+    return n, (f"train.grad_accum auto: {n} (the planned peak per device fits the {mem:.1f} GB of {props.name} "
+               f"with {headroom:.0%} headroom)")
+
+
 def _spec_cls_dim(spec: dict[str, Any]) -> int:
     ds = spec.get("dataset", {})
     if ds.get("kind") in IMAGE_KINDS and "encoder" in ds:
@@ -1492,6 +1510,8 @@ class Planner:
         self.progress(f"  measuring {exp}: {spec['model'].get('size', spec['model']['kind'])}, "
                       f"{t['batch_size'] // max(gpus, 1) // (conf_n or 1)} samples per device")
         out: dict[str, Any] = {"configured": conf, "data": data, "cls_dim": cls_dim}
+        if conf_n is None and not gpus:
+            conf_n = 1  # auto without GPUs trains with 1 (sourceflow.plan.device_grad_accum)
         if conf_n is not None:
             need, m, terms = train_device_bytes(spec, data, conf_n, cls_dim, self.use_cache)
             out.update(accum=conf_n, need=need, measure=m, terms=terms)

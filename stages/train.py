@@ -75,7 +75,13 @@ def main() -> None:
     else:
         ds = build.training_dataset(spec, data)
     # an epoch is a pass over the images (flipped copies are extra rows, not extra images)
-    settings = TrainSettings.from_spec(spec["train"], None if a.pairs else getattr(data, "num_images", None))
+    accum = None
+    if spec["train"]["grad_accum"] == "auto":
+        from sourceflow.plan import device_grad_accum
+
+        accum, why = device_grad_accum(spec)
+        print(why)
+    settings = TrainSettings.from_spec(spec["train"], None if a.pairs else getattr(data, "num_images", None), accum)
     inputs = input_fingerprint([a.data, a.latents, a.stats, a.manifest, a.captions, a.gmm, a.source_gmm, a.pairs,
                                 a.init_from])
     summary = train(model, method, ds, settings, a.seed, a.out, f"{spec_hash(spec)}-{inputs}-seed{a.seed}",

@@ -61,6 +61,7 @@ class TrainSettings:
     lr_schedule: str | dict[str, Any] = "constant"
     min_lr: float = 0.0
     grad_accum: int = 1
+    grad_accum_auto: bool = False  # chosen for this device (train.grad_accum: auto): a resume keeps the checkpoint's
     ema_schedule: dict[str, Any] | None = None
     ema_warmup: bool = True
     pair_batch: int | None = None
@@ -70,13 +71,19 @@ class TrainSettings:
     max_skipped_steps: int = 10
 
     @classmethod
-    def from_spec(cls, train: dict[str, Any], epoch_size: int | None = None) -> TrainSettings:
+    def from_spec(cls, train: dict[str, Any], epoch_size: int | None = None,
+                  grad_accum: int | None = None) -> TrainSettings:
         """Settings of a spec's ``train`` section; ``epoch_size`` (samples per epoch) converts epoch
-        schedules to steps when the spec does not fix ``train.epoch_size``."""
+        schedules to steps when the spec does not fix ``train.epoch_size``; ``grad_accum``: what
+        ``train.grad_accum: auto`` resolved to on this device (:func:`sourceflow.plan.device_grad_accum`)."""
+        auto = train.get("grad_accum", 1) == "auto"
+        if auto and grad_accum is None:
+            raise ValueError("train.grad_accum is auto: resolve it for the device first (sourceflow.plan.device_grad_accum)")
+        accum = grad_accum if auto else train.get("grad_accum", 1)
         return cls(train["steps"], train["batch_size"], train["lr"], train["weight_decay"], tuple(train["betas"]),
                    train["warmup_steps"], train["ema_decay"], train["grad_clip"], train["checkpoint_every"],
                    train["log_every"], train.get("mixed_precision", "no"), train.get("lr_schedule", "constant"),
-                   train.get("min_lr", 0.0), train.get("grad_accum", 1), train.get("ema_schedule"),
+                   train.get("min_lr", 0.0), accum, auto, train.get("ema_schedule"),
                    train.get("ema_warmup", True), train.get("pair_batch"), train.get("epoch_size") or epoch_size,
                    tuple(t for t in train.get("trackers", ()) if t != "jsonl"), train.get("nonfinite", "stop"),
                    train.get("max_skipped_steps", 10))
@@ -398,6 +405,13 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
                 opt.load_state_dict(opt_state)
                 start = int(info["step"])
                 skipped = int(info.get("skipped_steps", 0))
+                if settings.grad_accum_auto and int(info.get("grad_accum", accum)) != accum:
+                    # the micro-batches' random streams depend on the accumulation: keep the run's own
+                    acc.print(f"train.grad_accum auto: {accum} on this device; resuming with the checkpoint's "
+                              f"{info['grad_accum']}")
+                    accum = int(info["grad_accum"])
+                    micro_b = settings.batch_size // accum
+                    local_b = micro_b // world
                 acc.print(f"resuming from {ckpt_dir} at step {start}")
     if start == 0 and acc.is_main_process and log_path.exists():
         log_path.unlink()
@@ -445,7 +459,8 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
                                    f"rank: {[format(d, 'x') for d in every]}); not checkpointing")
         if acc.is_main_process:
             save_checkpoint(ckpt_dir, parts, opt_state, {"step": step, "run_hash": run_hash, "world_size": world,
-                                                         "skipped_steps": skipped, "state_sha256": digest})
+                                                         "skipped_steps": skipped, "state_sha256": digest,
+                                                         "grad_accum": accum})
         acc.wait_for_everyone()
 
     bar = progress_bar(total=settings.steps, initial=start, desc="train", unit="step",
