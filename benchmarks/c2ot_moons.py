@@ -4,8 +4,8 @@ Runs `snakemake --configfile config/c2ot-moons.yaml --cores N` (into the config'
 results/c2ot-moons, or --results), first every experiment's seed 0 (--seed-first, the default: at least
 one seed per method early), then the rest. It samples the 1-minute load every 30 s, records wall times in
 RESULTS/bench_run.json, then appends to benchmarks/RESULTS.md: command, machine and load, date, total wall
-time, per-run training seconds (train_summary.json: the loop; the train job's benchmark tsv: the whole
-process) and the table of W2^2 at Euler 1 and dopri5 (mean +- std over seeds, population std as the
+time, per-run training seconds (the loop: the train job's log, or train_log.jsonl for runs written before
+issue 10 item 7; the train job's benchmark tsv: the whole process) and the table of W2^2 at Euler 1 and dopri5 (mean +- std over seeds, population std as the
 harness's np.std; dopri5 with its mean NFE). Runs that have not finished are listed as missing.
 
   python benchmarks/c2ot_moons.py --cores 2                  # run (hours on 2 CPU cores), then write
