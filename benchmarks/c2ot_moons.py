@@ -5,8 +5,9 @@ results/c2ot-moons, or --results), first every experiment's seed 0 (--seed-first
 one seed per method early), then the rest. It samples the 1-minute load every 30 s, records wall times in
 RESULTS/bench_run.json, then appends to benchmarks/RESULTS.md: command, machine and load, date, total wall
 time, per-run training seconds (the loop: the train job's log, or train_log.jsonl for runs written before
-issue 10 item 7; the train job's benchmark tsv: the whole process) and the table of W2^2 at Euler 1 and dopri5 (mean +- std over seeds, population std as the
-harness's np.std; dopri5 with its mean NFE). Runs that have not finished are listed as missing.
+issue 10 item 7; the train job's benchmark tsv: the whole process) and the table of W2^2 at Euler 1 and
+dopri5 (mean +- std over seeds, population std as the harness's np.std; dopri5 with its mean NFE). Runs
+that have not finished are listed as missing.
 
   python benchmarks/c2ot_moons.py --cores 2                  # run (hours on 2 CPU cores), then write
   python benchmarks/c2ot_moons.py --collect-only [--no-write] # table of what has finished so far
