@@ -75,8 +75,9 @@ class Throughput:
     name: str = "H100 SXM"
 
     def flops_per_s(self, precision: str) -> float:
-        peak = {"bf16": self.bf16_tflops, "fp16": self.bf16_tflops, "fp32": self.fp32_tflops,
-                "fp64": self.fp64_tflops}[precision]
+        # TF32 tensor cores: half the bf16 dense rate on A100 / H100 (H100 SXM: 494.7 of 989.4)
+        peak = {"bf16": self.bf16_tflops, "fp16": self.bf16_tflops, "tf32": self.bf16_tflops / 2,
+                "fp32": self.fp32_tflops, "fp64": self.fp64_tflops}[precision]
         return peak * 1e12 * self.mfu
 
     def describe(self) -> str:
@@ -1244,7 +1245,7 @@ class Planner:
             self.progress(f"{job.rule} {job.what}")
             e = getattr(self, f"_{job.rule}")(job)
             e.local = job.local
-            if e.gpus == 0 and e.precision in ("bf16", "fp32", "fp64"):
+            if e.gpus == 0 and e.precision in ("bf16", "tf32", "fp32", "fp64"):
                 e.precision = "cpu"  # timed at Throughput.cpu_tflops
             plan_values = {"gpu": e.gpus, "mem_mb": int(math.ceil(e.host_mem_gb * 1000)),
                            "runtime": int(math.ceil(e.hours * 60))}
@@ -1654,7 +1655,13 @@ class Planner:
                      ) -> tuple[Entry, dict[str, Any]]:
         spec = self.specs[job.experiment]
         train_exp = spec.get("model_from") or job.experiment
-        gpus = min(int(self.specs[train_exp]["train"].get("gpus", 0)), 1)
+        train_gpus = int(self.specs[train_exp]["train"].get("gpus", 0))
+        if job.rule == "sample":  # sample.gpus (default train.gpus: the experiment's node), as the rule asks
+            own = spec["sample"].get("gpus")
+            gpus = int(train_gpus if own is None else own)
+            precision = spec["sample"].get("precision", "fp32")
+        else:  # reflow_pairs: one GPU, fp32
+            gpus, precision = min(train_gpus, 1), "fp32"
         image = self.ds(job.dataset)["kind"] in IMAGE_KINDS
         per, fw = self._velocity_flops(spec)
         flops = sum(n * nfe for n, nfe in nfe_entries) * per
@@ -1673,9 +1680,11 @@ class Planner:
                 gpu_terms["decoder: its parameters + what its activations add over the velocity's (measured)"] = (
                     4 * cost["params"] + max(0, dec_act - vel_act)) / GB
             dec_terms["decode"] = cost["decode_flops"]
-        hours = self.hours_of(flops, gpus, "fp32")
+        # the decoder's FLOPs run fp32 whatever the velocity model's precision (sourceflow.sampling.at_precision)
+        dec_flops = n_total * dec_terms["decode"] if dec_terms else 0.0
+        hours = self.hours_of(flops - dec_flops, gpus, precision) + self.hours_of(dec_flops, gpus, "fp32")
         e = self._entry(job, gpus=gpus, gpu_mem_gb=round(sum(gpu_terms.values()), 3) if gpus else None, flops=flops,
-                        hours=hours, precision="fp32", bound="compute",
+                        hours=hours, precision=precision, bound="compute",
                         terms=self._terms(gpu=gpu_terms if gpus else {}))
         return e, {"per": per, "fw": fw, "dec": dec_terms}
 
@@ -1707,7 +1716,8 @@ class Planner:
         e.terms.update(self._terms(host=host, disk=disk))
         e.notes.append(f"{len(entries)} sweep entries, {n_total} samples, NFE {[nfe for _, nfe in entries]}; "
                        f"{info['per'] / 1e12:.3f} TFLOP per sample per evaluation (model"
-                       + (" + guide" if self._guide_specs(spec) else "") + "), fp32 (the sample stage has no autocast)")
+                       + (" + guide" if self._guide_specs(spec) else "") + f"), velocity at {s['precision']} "
+                       f"(sample.precision), decoder fp32, over {e.gpus} GPU(s)")
         return e
 
     def _reflow_pairs(self, job: Job) -> Entry:

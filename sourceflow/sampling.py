@@ -30,19 +30,48 @@ class SampleSet:
     mode: np.ndarray | None = None
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def at_precision(net: nn.Module, precision: str, device: torch.device) -> Callable:
+    """``net(x, t, c)`` at the sample precision, returned in fp32 for the solver. Only the velocity model is
+    affected: the solver's own arithmetic (dopri5's tableau products and error estimate) and the decoder stay
+    fp32. bf16: autocast around the call; tf32: TF32 tensor-core matmuls and convolutions during the call
+    (the global switches are restored after it); fp32, and any precision on a CPU: the call as it is."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"sample.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda" or precision == "fp32":
+        return net
+    if precision == "bf16":
+        def call(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = net(x, t, c)
+            return out.float()
+        return call
+
+    def call_tf32(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            return net(x, t, c)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    return call_tf32
+
+
 @torch.no_grad()
 def generate(model: nn.Module, method: Method, n: int, cond: torch.Tensor | None, solver: str, steps: int | None,
              generator: torch.Generator, batch_size: int = 5000, shift: float = 1.0, rtol: float = 1e-4,
              atol: float = 1e-4, guidance_scale: float = 1.0, null_id: int | None = None,
              traj_points: int = 17, guide: nn.Module | None = None, guide_scale: float = 1.5,
-             t_end: float = 1.0) -> SampleSet:
+             t_end: float = 1.0, precision: str = "fp32") -> SampleSet:
     """Generate ``n`` samples; ``cond`` [n, ...] is the data condition of each sample (or None).
 
     ``guidance_scale`` != 1: classifier-free guidance against the null condition. ``guide``: autoguidance
     v_guide + guide_scale·(v − v_guide) with a weaker model on the same condition. Either way the
     source draw (CSFM: the conditional source sample) is shared by both branches. ``nfe`` counts
     velocity evaluations (a guided one runs two models). ``t_end``: the grid ends at shift(t_end)
-    (RAE / MM-FM / CSFM: 0.999).
+    (RAE / MM-FM / CSFM: 0.999). ``precision``: the velocity models' arithmetic on a GPU (:func:`at_precision`).
     """
     if guide is not None and guidance_scale != 1.0:
         raise ValueError("use either classifier-free guidance (guidance_scale) or autoguidance (guide), not both")
@@ -50,6 +79,8 @@ def generate(model: nn.Module, method: Method, n: int, cond: torch.Tensor | None
     if guide is not None:
         guide.eval()
     device = next(model.parameters()).device
+    net = at_precision(model, precision, device)
+    guide_net = None if guide is None else at_precision(guide, precision, device)
     xs, x0s, energies, disps, modes, nfes = [], [], [], [], [], []
     t0 = time.time()
     for lo in range(0, n, batch_size):
@@ -59,16 +90,16 @@ def generate(model: nn.Module, method: Method, n: int, cond: torch.Tensor | None
         model_cond = draw.mode if method.cond_from == "mode" else (c if method.cond_from == "data" else None)
 
         def v_cond(t, x, mc=model_cond):
-            return model(x, t, mc)
+            return net(x, t, mc)
 
         velocity = v_cond
         if guidance_scale != 1.0:
             if model_cond is None or null_id is None:
                 raise ValueError("guidance_scale != 1 needs a class-conditional model trained with p_uncond > 0")
             null = torch.full_like(model_cond, null_id)
-            velocity = cfg(v_cond, lambda t, x, nc=null: model(x, t, nc), guidance_scale)
+            velocity = cfg(v_cond, lambda t, x, nc=null: net(x, t, nc), guidance_scale)
         elif guide is not None:
-            velocity = autoguidance(v_cond, lambda t, x, mc=model_cond: guide(x, t, mc), guide_scale)
+            velocity = autoguidance(v_cond, lambda t, x, mc=model_cond: guide_net(x, t, mc), guide_scale)
         res = solve(velocity, draw.x0, solver, steps, shift=shift, rtol=rtol, atol=atol, return_traj=True,
                     traj_points=traj_points, t_end=t_end)
         xs.append(res.x.cpu())

@@ -68,6 +68,7 @@ def _identity(s: dict, ids: dict, seed: int, tag: str, solver: str, steps: int |
     return {**ids, "tag": tag, "solver": solver, "steps": steps, "num_samples": n, "seed": seed,
             "settings": {k: s[k] for k in ("shift", "rtol", "atol", "guidance_scale", "traj_points", "batch_size",
                                            "shard_rows", "t_end", "uint8") if k in s},
+            **({"precision": s["precision"]} if s.get("precision", "fp32") != "fp32" else {}),
             "autoguidance": s.get("autoguidance")}
 
 
@@ -115,7 +116,7 @@ def toy_mode(a, spec) -> dict:
         res = generate(model, method, n, cond, solver, steps, g, batch_size=s["batch_size"], shift=s["shift"],
                        rtol=s["rtol"], atol=s["atol"], guidance_scale=s["guidance_scale"],
                        null_id=cs.null_id if cs.kind == "discrete" else None, traj_points=s["traj_points"],
-                       guide=guide, guide_scale=guide_scale, t_end=s["t_end"])
+                       guide=guide, guide_scale=guide_scale, t_end=s["t_end"], precision=s["precision"])
         arrays = {"x": res.x, "x0": res.x0, "energy": res.energy, "displacement": res.displacement}
         if cond is not None:
             arrays["cond"] = cond.numpy()
@@ -152,6 +153,9 @@ def image_mode(a, spec) -> dict | None:
     rank, world = state.process_index, state.num_processes
     device = state.device
     s = spec["sample"]
+    if s["precision"] != "fp32" and rank == 0:
+        print(f"sample.precision {s['precision']}: " + ("the velocity model only; solver and decoder fp32" if cuda
+                                                        else "no GPU, fp32 (the identity still records it)"))
     data = build.load_data(a, spec, "train")
     model = build.build_model(spec, data)
     method = build.build_method(spec, data, a.seed, a.gmm, a.source_gmm)
@@ -188,7 +192,7 @@ def image_mode(a, spec) -> dict | None:
             out = generate(model, method, hi - lo, cond, solver, steps, gen, batch_size=s["batch_size"],
                            shift=s["shift"], rtol=s["rtol"], atol=s["atol"], guidance_scale=s["guidance_scale"],
                            null_id=cs.null_id if cs.kind == "discrete" else None, traj_points=s["traj_points"],
-                           guide=guide, guide_scale=guide_scale, t_end=s["t_end"])
+                           guide=guide, guide_scale=guide_scale, t_end=s["t_end"], precision=s["precision"])
             with torch.no_grad():
                 x = data.stats.denormalize(torch.from_numpy(out.x).to(device))
                 images = np.concatenate([to_uint8(decoder.decode(x[i:i + s["batch_size"]]), mode=s["uint8"])

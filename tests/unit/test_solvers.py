@@ -144,3 +144,35 @@ def test_guidance_combinators():
     torch.testing.assert_close(cfg(vc, vu, 2.5)(t, x), vu(t, x) + 2.5 * (vc(t, x) - vu(t, x)))
     assert cfg(vc, vu, 1.0) is vc
     torch.testing.assert_close(autoguidance(vc, vu, 1.5)(t, x), vu(t, x) + 1.5 * (vc(t, x) - vu(t, x)))
+
+
+def test_sample_precision_touches_only_the_velocity_call():
+    """sample.precision (sourceflow.sampling.at_precision): on a CPU every precision is the model itself (fp32);
+    on CUDA bf16 autocasts the call and hands the solver fp32, tf32 turns TF32 on for the call only."""
+    from sourceflow.sampling import at_precision
+
+    seen = {}
+
+    def net(x, t, c):
+        seen["tf32"] = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        return (x * 2).to(torch.bfloat16)
+
+    for p in ("fp32", "tf32", "bf16"):
+        assert at_precision(net, p, torch.device("cpu")) is net
+    assert at_precision(net, "fp32", torch.device("cuda")) is net
+    with pytest.raises(ValueError, match="sample.precision: 'fp16'"):
+        at_precision(net, "fp16", torch.device("cpu"))
+    x = torch.ones(3, 2)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        at_precision(net, "tf32", torch.device("cuda"))(x, torch.zeros(3), None)
+        assert seen["tf32"] == (True, True) and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch disables the cuda autocast with a warning
+        out = at_precision(net, "bf16", torch.device("cuda"))(x, torch.zeros(3), None)
+    assert out.dtype == torch.float32 and torch.equal(out, x * 2)

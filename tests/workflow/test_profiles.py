@@ -64,7 +64,7 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_dry_run_with_the_slurm_profile_shows_its_resources_on_every_job(repo):
-    res = snakemake(repo, "-n", "--profile", "profiles/slurm", "--configfile", f"config/{FULL_SCALE}")
+    res = snakemake(repo, "-n", "-p", "--profile", "profiles/slurm", "--configfile", f"config/{FULL_SCALE}")
     out = res.stdout + res.stderr
     assert "workflow specific profile profiles/default" in out  # the precedence this guards against is in play
     slurm = profile("slurm")
@@ -82,12 +82,18 @@ def test_a_dry_run_with_the_slurm_profile_shows_its_resources_on_every_job(repo)
     trains = [r for rule, r in jobs if rule == "train"]
     assert trains and all(r["slurm_extra"].startswith("--signal=URG@") and r["nodes"] == "1" for r in trains)
     assert max(int(r["gpu"]) for r in trains) > 1  # a multi-GPU job, on one node
+    # sampling on the experiment's node: sample.gpus defaults to train.gpus, one torchrun process per GPU
+    samples = [r for rule, r in jobs if rule == "sample"]
+    assert sorted(int(r["gpu"]) for r in samples) == sorted(int(r["gpu"]) for r in trains) + [8]  # + model_from (8)
+    assert all(r["nodes"] == "1" for r in samples)
+    assert re.search(r"torch\.distributed\.run --standalone --nproc_per_node 8 stages/sample\.py", out)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting, message", [
     ("train:nodes=2", r"resource nodes=2, but multi-node training is not supported"),
     ("train:gpus_per_node=4", r"train\.gpus = 8 is more than the 4 GPUs of one node"),
+    ("sample:gpus_per_node=4", r"sample\.gpus = 8 is more than the 4 GPUs of one node"),
 ])
 def test_multi_node_training_is_refused_before_any_job(repo, setting, message):
     res = snakemake(repo, "-n", "--profile", "profiles/slurm", "--configfile", f"config/{FULL_SCALE}",

@@ -203,17 +203,19 @@ def evaluate_args(wc, input):
 
 
 def run_gpu(stage):
-    """Resource function: GPUs of a run's ``stage`` job (train: train.gpus, one process per GPU;
-    sample / evaluate: one GPU when the experiment trains on GPUs)."""
+    """Resource function: GPUs of a run's ``stage`` job (train: train.gpus, one process per GPU; sample:
+    sample.gpus, by default train.gpus; evaluate: one GPU when the experiment trains on GPUs)."""
 
     def gpu(wc):
         n = SPECS[wc.exp]["train"]["gpus"]
+        if stage == "sample":
+            return n if SPECS[wc.exp]["sample"]["gpus"] is None else SPECS[wc.exp]["sample"]["gpus"]
         return n if stage == "train" else min(n, 1)
 
     return gpu
 
 
-def one_node(exp, resources):
+def one_node(exp, resources, key="train.gpus"):
     """Refuse multi-node training with one line naming the key: a training job is one torchrun --standalone
     on one node, so nodes > 1, or more train.gpus than a node has (resource gpus_per_node, set in
     profiles/slurm), would not run."""
@@ -223,7 +225,7 @@ def one_node(exp, resources):
                             "(one torchrun --standalone per job): set nodes=1")
     per_node = resources.get("gpus_per_node", 0)
     if per_node and resources.gpu > per_node:
-        raise WorkflowError(f"experiment {exp}: train.gpus = {resources.gpu} is more than the {per_node} GPUs of one "
+        raise WorkflowError(f"experiment {exp}: {key} = {resources.gpu} is more than the {per_node} GPUs of one "
                             "node (gpus_per_node in profiles/slurm); multi-node training is not supported")
 
 
@@ -231,8 +233,19 @@ def train_launcher(wc, resources):
     """python, or torchrun for several processes (gloo on CPU, one process per GPU on GPU nodes); one node."""
     one_node(wc.exp, resources)
     procs = SPECS[wc.exp]["train"]["processes"]
-    if resources.gpu > 1:
-        return f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
+    return launcher(resources.gpu, procs)
+
+
+def sample_launcher(wc, resources):
+    """python, or torchrun with one process per GPU of the sample job (sample.gpus); one node."""
+    one_node(wc.exp, resources, "sample.gpus")
+    return launcher(resources.gpu, 1)
+
+
+def launcher(gpus, procs):
+    """python; torchrun --standalone over ``gpus`` GPUs; or over ``procs`` CPU processes (gloo)."""
+    if gpus > 1:
+        return f"python -m torch.distributed.run --standalone --nproc_per_node {gpus}"
     if procs > 1:
         return f"ACCELERATE_USE_CPU=1 python -m torch.distributed.run --standalone --nproc_per_node {procs}"
     return "python"

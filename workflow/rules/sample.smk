@@ -12,6 +12,7 @@ rule sample:
         guide=guide_args,
         out=lambda wc: f"{run_dir(wc.dataset, wc.exp, wc.seed)}/samples",
         threads=lambda wc: SPECS[wc.exp]["train"]["threads"],
+        launch=sample_launcher,
     log:
         f"{R}/logs/{{dataset}}/{{exp}}/seed{{seed}}/sample.log",
     benchmark:
@@ -24,6 +25,7 @@ rule sample:
         gpu=run_gpu("sample"),
         mem_mb=2000,
         runtime=30,
+        nodes=1,  # torchrun --standalone over the job's GPUs: one task on one node
     shell:
-        "python stages/sample.py --spec {input.spec} {params.data} --model {input.model} {params.guide} "
+        "{params.launch} stages/sample.py --spec {input.spec} {params.data} --model {input.model} {params.guide} "
         "--out {params.out} --seed {wildcards.seed} --threads {params.threads} > {log} 2>&1"
