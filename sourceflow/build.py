@@ -31,7 +31,7 @@ from sourceflow.flow.method import Method
 from sourceflow.flow.sources import GaussianSource, GMMSource, LearnedSource, Source, ToySource
 from sourceflow.flow.time import TimeSampler
 from sourceflow.gmm.diag import DiagGMM
-from sourceflow.io import save_safetensors
+from sourceflow.io import reading, save_safetensors
 from sourceflow.models.embed import CondSpec
 from sourceflow.models.mlp import ConditionMLP, MLPVelocity
 
@@ -84,7 +84,8 @@ def save_points(path: str | Path, splits: dict[str, PointData], metadata: dict[s
 
 def load_points(path: str | Path, split: str) -> PointData:
     try:
-        t = load_file(str(path))
+        with reading(path, "toy data file (safetensors)", "delete it and rerun the make_toy_data stage"):
+            t = load_file(str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"data file not found: {path} (run the make_toy_data stage)") from None
     if f"{split}.x" not in t:
@@ -294,7 +295,8 @@ def init_from_trained(path: str | Path, model: nn.Module, method: Method) -> Non
     """Start from another run's final weights (reflow): its EMA model and its source (a learned source's
     network); the coupling state of the base (LOOM's seeds) does not carry over."""
     try:
-        t = load_file(str(path))
+        with reading(path, "base model (safetensors)", "delete it and rerun the base experiment's train stage"):
+            t = load_file(str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"base model not found: {path} (train the base experiment first)") from None
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})

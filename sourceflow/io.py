@@ -53,6 +53,58 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+REWRITE = "delete it and rerun the stage that writes it"
+
+
+def _damage_types() -> tuple[type[BaseException], ...]:
+    """The exception types a truncated or overwritten file makes its reader raise (beyond OSError,
+    ValueError and KeyError): safetensors' own error, a broken zip (npz), a short read, a bad struct, a
+    garbled Zarr metadata document (zarr raises TypeError for a retyped field)."""
+    import struct
+    import zipfile
+
+    types: list[type[BaseException]] = [zipfile.BadZipFile, EOFError, struct.error, TypeError]
+    try:
+        from safetensors import SafetensorError
+        types.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        pass
+    return tuple(types)
+
+
+def damaged(path: str | Path, what: str, e: BaseException, fix: str = REWRITE) -> ValueError:
+    """The one-line error for a damaged input: which file, what it is, what went wrong, what to do."""
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    msg = " ".join(msg.split())  # one line, even for multi-line library messages
+    return ValueError(f"{path}: not a readable {what} (damaged or truncated? {type(e).__name__}: {msg}); {fix}")
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, what: str, fix: str = REWRITE) -> Iterator[None]:
+    """Turn what a truncated or corrupt ``path`` makes its reader raise into ONE ValueError naming the file
+    (``sourceflow.cli.run`` prints it as the stage's one ``error:`` line, exit 2).
+
+    Passed through unchanged: FileNotFoundError (the readers say which stage writes the file), a full disk,
+    and ValueError / KeyError whose message already names ``path`` (the readers' own checks). Wrap only the
+    reading itself, so a bug elsewhere keeps its traceback."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno in FULL_DISK:
+            raise
+        raise damaged(path, what, e, fix) from e
+    except (ValueError, KeyError) as e:
+        if str(path) in str(e):
+            raise
+        raise damaged(path, what, e, fix) from e
+    except Exception as e:
+        if isinstance(e, _damage_types()):
+            raise damaged(path, what, e, fix) from e
+        raise
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -64,11 +116,10 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        with reading(path, "JSON file"):
+            return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"missing file: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 TIMINGS_TAG = "timings "
@@ -141,17 +192,13 @@ def read_safetensors(path: str | Path, keys: Iterable[str], what: str, hint: str
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}" + (f" ({hint})" if hint else ""))
     keys = list(keys)
-    try:
-        with safe_open(str(path), framework=framework) as f:
-            have = set(f.keys())
-            missing = [k for k in keys if k not in have]
-            if missing:
-                raise KeyError(f"{path}: missing tensor(s) {missing} (has {sorted(have)})")
-            return {k: f.get_tensor(k) for k in keys}, unpack_metadata(f.metadata())
-    except KeyError:
-        raise
-    except Exception as e:  # safetensors raises its own error type for a broken header or body
-        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    with reading(path, "safetensors file", f"delete this {what} and rerun the stage that writes it"
+                 + (f" ({hint})" if hint else "")), safe_open(str(path), framework=framework) as f:
+        have = set(f.keys())
+        missing = [k for k in keys if k not in have]
+        if missing:
+            raise KeyError(f"{path}: missing tensor(s) {missing} (has {sorted(have)})")
+        return {k: f.get_tensor(k) for k in keys}, unpack_metadata(f.metadata())
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:

@@ -23,8 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from sourceflow.io import reading
 from sourceflow.models.embed import pack_text
 from sourceflow.store.latents import LatentStore
+from sourceflow.store.sharded import GuardedArray, check_chunk_files
 from sourceflow.store.stats import LatentStats
 
 
@@ -184,18 +186,26 @@ def _caption_rows(path: str | Path, image_index: np.ndarray, mhash: str, max_mem
     p = Path(path)
     if not (p / "zarr.json").is_file():
         raise FileNotFoundError(f"caption embeddings not found: {p} (run the embed_captions stage)")
-    g = zarr.open_group(str(p), mode="r")
+    fix = "delete it and rerun the embed_captions stage"
+    with reading(p / "zarr.json", "Zarr group metadata (caption store)", fix):
+        g = zarr.open_group(str(p), mode="r")
     if not g.attrs.get("complete", False):
         raise ValueError(f"{p}: caption store is incomplete (re-run embed_captions)")
+    arrays = {}
+    for name in ("index", "tokens", "mask"):
+        with reading(p / name / "zarr.json", "Zarr array metadata (caption store)", fix):
+            arrays[name] = GuardedArray(g[name], p / name, "Zarr array of the caption store (a chunk file)", fix)
+    # no write_empty_chunks there, but an index chunk (fill -1) or a mask chunk (fill 0: no token) is never empty
+    check_chunk_files(p, g, "the caption store", fix, ("index", "mask"))
     if g.attrs.get("manifest_hash") not in (None, mhash):
         raise ValueError(f"{p} was embedded for another manifest; re-run align_captions and embed_captions")
-    cap_index = np.asarray(g["index"][:])
+    cap_index = np.asarray(arrays["index"][:])
     pos = {int(i): r for r, i in enumerate(cap_index)}
     missing = [int(i) for i in np.unique(image_index) if int(i) not in pos]
     if missing:
         raise ValueError(f"{p}: no caption for {len(missing)} training images (first manifest index {missing[0]})")
     row_map = np.array([pos[int(i)] for i in image_index], dtype=np.int64)
-    tok = g["tokens"]
-    mask = g["mask"]
+    tok = arrays["tokens"]
+    mask = arrays["mask"]
     return TextRows(StoreRows(tok, row_map, None, _fits(tok, max_memory_mb)),
                     StoreRows(mask, row_map, None, _fits(mask, max_memory_mb)))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sourceflow.io import atomic_path
+from sourceflow.io import atomic_path, reading
 
 
 def _as_stats(mu: np.ndarray, sigma: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -150,12 +150,11 @@ def read_reference_npz(path: str | Path, keys: tuple[str, ...] | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            want = z.files if keys is None else [k for k in z.files if k in ("mu", "sigma", *keys)]
-            arrays = {k: z[k] for k in want}
-    except ValueError as e:  # not a zip, or object arrays that need pickle
-        raise ValueError(f"{path}: not a readable npz of plain arrays ({e})") from None
+    fix = "delete it and rerun the reference_stats stage (or fetch the reference batch again)"
+    # not a zip, a truncated member, object arrays that need pickle: one line naming the file
+    with reading(path, "npz of plain arrays", fix), np.load(path, allow_pickle=False) as z:
+        want = z.files if keys is None else [k for k in z.files if k in ("mu", "sigma", *keys)]
+        arrays = {k: z[k] for k in want}
     for key in ("mu", "sigma"):
         if key not in arrays:
             raise KeyError(f"{path}: missing key '{key}' (a reference batch needs 'mu' and 'sigma'; "

@@ -33,7 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from sourceflow.store.sharded import DONE_DIR, ShardedWriter, create_sharded_group, jsonable
+from sourceflow.io import reading
+from sourceflow.store.sharded import (
+    DONE_DIR,
+    GuardedArray,
+    ShardedWriter,
+    check_chunk_files,
+    create_sharded_group,
+    jsonable,
+)
 
 ARRAYS = ("cls", "spatial", "index", "flip")
 DTYPES = {"cls": "float32", "spatial": "float32", "index": "int64", "flip": "uint8"}
@@ -62,6 +70,9 @@ def expected_index_flip(image_index: np.ndarray, flips: bool) -> tuple[np.ndarra
     return idx.copy(), np.zeros(m, np.uint8)
 
 
+REWRITE_STORE = "delete the store and rerun the extract_latents stage"
+
+
 class LatentStore:
     """Read access to a latent store (see the module docstring for the layout)."""
 
@@ -71,10 +82,11 @@ class LatentStore:
         self.attrs: dict = dict(group.attrs)
         self._arrays: dict[str, Any] = {}
         for name in ARRAYS:
-            try:
-                self._arrays[name] = group[name]
-            except KeyError:
-                raise ValueError(f"{path}: latent store lacks the {name!r} array") from None
+            meta = path / name / "zarr.json"
+            if not meta.is_file():
+                raise ValueError(f"{path}: latent store lacks the {name!r} array")
+            with reading(meta, "Zarr array metadata", REWRITE_STORE):
+                self._arrays[name] = GuardedArray(group[name], path / name, "Zarr array (a chunk file)", REWRITE_STORE)
         self.num_rows = int(self._arrays["cls"].shape[0])
         self.num_images = int(self.attrs.get("num_images", self.num_rows))
         self.cls_dim = int(self._arrays["cls"].shape[1])
@@ -90,12 +102,15 @@ class LatentStore:
                 raise ValueError(f"{path}: not a Zarr v3 group (no zarr.json)")
             raise FileNotFoundError(f"latent store not found: {path} (run the extract_latents stage)")
         zarr = _zarr()
-        group = zarr.open_group(str(path), mode="r")
+        with reading(path / "zarr.json", "Zarr group metadata", REWRITE_STORE):
+            group = zarr.open_group(str(path), mode="r")
         store = cls(path, group)
         if require_complete and not store.attrs.get("complete", False):
             n_done = len(list((path / DONE_DIR).glob("shard_*.json"))) if (path / DONE_DIR).is_dir() else 0
             raise ValueError(f"{path}: latent store is incomplete ({n_done} of {store.num_shards} shards marked "
                              f"written; re-run extract_latents to resume it)")
+        if require_complete:
+            check_chunk_files(path, group, "the latent store", REWRITE_STORE, ARRAYS)
         return store
 
     @property

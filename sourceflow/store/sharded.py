@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from sourceflow.io import naming_full_disk
+from sourceflow.io import naming_full_disk, reading
 
 DONE_DIR = "_done"
 CHUNK_TARGET_BYTES = 4 << 20
@@ -60,6 +60,56 @@ def compressors(name: str) -> Any:
 
         return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
     raise ValueError(f"unknown compressor {name!r} (choose none or lz4)")
+
+
+class GuardedArray:
+    """A read-only Zarr array whose reads turn a damaged chunk file into the one-line error of
+    :func:`sourceflow.io.reading` naming the array's folder (a truncated chunk fails its checksum or its
+    decompression deep inside Zarr, with no file name); everything else is the wrapped array's."""
+
+    def __init__(self, array: Any, path: Path, what: str, fix: str) -> None:
+        self._array, self._path, self._what, self._fix = array, Path(path), what, fix
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._array, name)
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getitem__(self, key: Any) -> Any:
+        with reading(self._path, self._what, self._fix):
+            return self._array[key]
+
+    def get_orthogonal_selection(self, selection: Any) -> Any:
+        with reading(self._path, self._what, self._fix):
+            return self._array.get_orthogonal_selection(selection)
+
+
+def missing_chunk_files(path: str | Path, group: Any, names: Sequence[str] | None = None) -> list[str]:
+    """The chunk (or shard) files of arrays ``names`` (default: all) of a Zarr v3 ``group`` at ``path`` that
+    are absent, relative to ``path``. Zarr reads a missing chunk as the fill value without a word, so a store
+    marked complete that lost a file must be refused by looking, not by reading."""
+    import itertools
+
+    path = Path(path)
+    missing = []
+    for name in sorted(names if names is not None else (n for n, _ in group.arrays())):
+        arr = group[name]
+        grid = arr.shards or arr.chunks
+        counts = [-(-int(n) // int(g)) for n, g in zip(arr.shape, grid, strict=True)]
+        for idx in itertools.product(*map(range, counts)):
+            rel = f"{name}/{arr.metadata.encode_chunk_key(idx)}"
+            if not (path / rel).is_file():
+                missing.append(rel)
+    return missing
+
+
+def check_chunk_files(path: str | Path, group: Any, what: str, fix: str, names: Sequence[str] | None = None) -> None:
+    """ValueError naming the store and its first missing chunk file when a complete store lost files."""
+    missing = missing_chunk_files(path, group, names)
+    if missing:
+        raise ValueError(f"{path}: {what} is marked complete but {len(missing)} chunk file(s) are missing "
+                         f"(first: {missing[0]}); {fix}")
 
 
 def create_sharded_group(path: str | Path, arrays: dict[str, tuple[Sequence[int], str]], shard_rows: int,

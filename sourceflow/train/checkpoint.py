@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sourceflow.io import replace_dir, resolve_dir
+from sourceflow.io import reading, replace_dir, resolve_dir
 
 
 def optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -64,19 +64,28 @@ def load_checkpoint(final_dir: Path, names: list[str]) -> tuple[dict[str, dict[s
     d = resolve_dir(Path(final_dir))
     if d is None or not (d / "trainer.json").exists():
         return None
-    info = json.loads((d / "trainer.json").read_text())
-    parts = {name: load_file(str(d / f"{name}.safetensors")) for name in names}
-    opt = optimizer_from_tensors(load_file(str(d / "optimizer.safetensors")), info.pop("optimizer"))
+    fix = f"delete {d} to start this run over (or rerun with --no-resume)"
+    with reading(d / "trainer.json", "checkpoint file", fix):
+        info = json.loads((d / "trainer.json").read_text())
+        opt_meta = info.pop("optimizer")
+    parts = {}
+    for name in [*names, "optimizer"]:
+        f = d / f"{name}.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: checkpoint part missing; {fix}")
+        with reading(f, "checkpoint file", fix):
+            parts[name] = load_file(str(f))
+    opt = optimizer_from_tensors(parts.pop("optimizer"), opt_meta)
     return parts, opt, info
 
 
 def load_trained(path: str | Path, model: torch.nn.Module, method: torch.nn.Module) -> None:
     """Load the ``model.safetensors`` a training run ends with (``model.*`` EMA weights, ``method.*``
     method state) into a freshly built model and method."""
-    try:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"trained model not found: {path} (run the train stage)")
+    with reading(path, "trained model (safetensors)", "delete it and rerun the train stage"):
         t = load_file(str(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"trained model not found: {path} (run the train stage)") from None
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     method.load_state_tensors({k[7:]: v for k, v in t.items() if k.startswith("method.")})
 
