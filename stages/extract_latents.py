@@ -245,8 +245,7 @@ def main() -> None:
         report = {
             "store": str(out), "encoder": a.encoder, "weights": a.weights, "encoder_options": options,
             "resolution": a.resolution, "split": a.split, "flips": a.flips, "num_images": num_images,
-            "rows": num_rows, "rows_this_run": int(rows_done), "shards": writer.num_shards,
-            "shards_resumed": resumed, "processes": dist.world, "device": str(device), "batch_size": a.batch_size,
+            "rows": num_rows, "shards": writer.num_shards, "processes": dist.world, "device": str(device), "batch_size": a.batch_size,
             "shard_rows": a.shard_rows, "workers": a.workers, "threads": a.threads,
             "cls_dim": encoder.cls_dim, "spatial_shape": list(encoder.spatial_shape),
         }
@@ -255,8 +254,11 @@ def main() -> None:
         LatentStore.open(out)  # complete and readable
         # shares of the processes' summed wall time: waiting for images, encoding (incl. the copy to host
         # memory), writing shards (in a background thread, overlapping the next shard's encoding) and waiting
-        # for that thread (the part of writing that is not hidden); in the log, not in latents.json
-        t = log_timings("extract_latents", wall_s=round(wall, 3),
+        # for that thread (the part of writing that is not hidden); in the log, not in latents.json, like the
+        # rows encoded and shards resumed by this run: a resumed store's latents.json must be the bytes of an
+        # uninterrupted run's (issue 10, item 1: benchmarks/kill_soak.py)
+        t = log_timings("extract_latents", wall_s=round(wall, 3), rows_this_run=int(rows_done),
+                        shards_resumed=resumed,
                         rows_per_s=round(rows_done / wall, 2) if wall > 0 else None,
                         load_share=round(load_s / busy, 4) if busy else None,
                         encode_share=round(encode_s / busy, 4) if busy else None,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from sourceflow import cli
-from sourceflow.io import write_json
+from sourceflow.io import read_timings, write_json
 from sourceflow.sampling import write_sample_store
 from sourceflow.store.latents import LatentStore, LatentWriter
 from sourceflow.store.sharded import ShardedWriter
@@ -117,7 +117,7 @@ def test_extract_latents_on_a_full_disk_stops_cleanly_and_resumes_identical(mani
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"resuming, {len(done)} of {w.num_shards} shards already written" in r.stderr
-    assert json.loads((out.parent / "latents.json").read_text())["shards_resumed"] == len(done)
+    assert read_timings(r.stdout, "extract_latents")[-1]["shards_resumed"] == len(done)
     assert LatentStore.open(out).attrs["complete"] is True
     assert files(out) == files(ref)  # the store promises byte-identity with an uninterrupted run
     assert leftovers(disk) == []
