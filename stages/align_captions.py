@@ -68,7 +68,7 @@ def main() -> None:
     if not report["ok"]:
         out.unlink(missing_ok=True)  # a previous run's table must not outlive a failed alignment
         write_json(report_path, report)
-        raise ValueError(mismatch_message(result.report, a.min_match_fraction))
+        raise ValueError(f"{a.captions}: {mismatch_message(result.report, a.min_match_fraction)}")
     # the report goes last: embed_captions takes (table, report with ok: true) as a finished alignment, so
     # a kill between the two writes must not leave an old ok report beside a new table
     report_path.unlink(missing_ok=True)

@@ -95,7 +95,7 @@ def read_caption_jsonl(path: str | Path, path_field: str = "path", caption_field
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise ValueError(f"{path}:{n}: not valid JSON ({e}); fix or drop that line") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             for key in (path_field, caption_field):
