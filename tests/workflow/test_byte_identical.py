@@ -5,11 +5,10 @@ benchmarks (where timings and host facts belong) must be the same bytes, the rep
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from sourceflow.io import read_timings
+from sourceflow.soak import artifacts, first_difference  # logs and benchmarks excluded
 
 from .helpers import scratch_repo, snakemake
 
@@ -62,24 +61,6 @@ report:
   grid_steps: [2]
   grid_images: 16
 """
-
-EXCLUDED = ("logs", "benchmarks")  # per-run timings and host facts
-
-
-def artifacts(results: Path) -> set[str]:
-    """Paths (relative to ``results``) of every file except those under the logs and benchmarks."""
-    return {p.relative_to(results).as_posix() for p in results.rglob("*")
-            if p.is_file() and p.relative_to(results).parts[0] not in EXCLUDED}
-
-
-def first_difference(a: Path, b: Path) -> int | None:
-    """Offset of the first differing byte (the shorter file's length if one is a prefix), None if equal."""
-    x, y = a.read_bytes(), b.read_bytes()
-    if x == y:
-        return None
-    n = min(len(x), len(y))
-    return next((i for i in range(n) if x[i] != y[i]), n)
-
 
 def test_two_runs_write_byte_identical_artifacts(tmp_path):
     runs = [scratch_repo(tmp_path / name, CONFIG) for name in ("a", "b")]
