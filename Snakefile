@@ -19,9 +19,10 @@ if not workflow.config_settings.configfiles:
 
 # experiments may be a mapping name -> experiment (so a second --configfile changes one experiment)
 sys.path.insert(0, workflow.basedir)
-from sourceflow.config import normalize_experiments  # noqa: E402
+from sourceflow.config import normalize_experiments, validate_config  # noqa: E402
 
 normalize_experiments(config)
+validate_config(config)  # one line naming the key (Snakemake's validate prints the schema)
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -11,6 +11,7 @@ only its train/sample/evaluate jobs rerun.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -412,3 +413,21 @@ def sweep_entries(sample: dict[str, Any]) -> list[tuple[str, str, int | None, in
     if dup:
         raise ConfigError(f"config: sample.solvers: entry {dup[0]} appears twice")
     return out
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    """Validate a whole (normalized) config against the schema; ConfigError ``config: <dotted.key>: <reason>``
+    (one line) for the first error. The Snakefile calls it before ``snakemake.utils.validate`` (which fills
+    defaults), whose own message spans many lines and names the key only inside a dump of the schema."""
+    validator = _config_validator()
+    # the deepest error names the key most exactly (a retyped discriminator also fails its parent's branch)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (-len(e.absolute_path), [str(k) for k in e.absolute_path]))
+    if errors:
+        e = errors[0]
+        where = ".".join(str(k) for k in e.absolute_path) or "<top level>"
+        raise ConfigError(f"config: {where}: {' '.join(e.message.split())}")
+
+
+@functools.lru_cache(maxsize=1)
+def _config_validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(load_schema())
