@@ -32,8 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from sourceflow.soak import Stage, Trial, count_files, count_lines, run_snakemake, soak, summary  # noqa: E402
 
-COPY = ["Snakefile", "workflow", "stages", "config", "profiles", "envs", "sourceflow"]
-
 CONFIG = """
 results: results
 seeds: [0]
@@ -129,15 +127,10 @@ STAGES = {
 
 def make_baseline(dest: Path, env: dict[str, str]) -> Path:
     """The uninterrupted run: a copy of the workflow with CONFIG and a tiny DINOv2 under models/."""
+    from sourceflow.rehearsal import scratch_workflow
     from sourceflow.standins import dinov2_registers, save_pretrained
 
-    dest.mkdir(parents=True)
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
+    scratch_workflow(dest)  # the same copy of the workflow the rehearsal and the workflow tests make
     (dest / "config" / "config.yaml").write_text(CONFIG)
     save_pretrained(dinov2_registers(28, seed=0), dest / "models" / "tiny-dinov2")
     run_snakemake(dest, env=env)

@@ -64,11 +64,9 @@ def _damage_types() -> tuple[type[BaseException], ...]:
     import zipfile
 
     types: list[type[BaseException]] = [zipfile.BadZipFile, EOFError, struct.error, TypeError]
-    try:
-        from safetensors import SafetensorError
-        types.append(SafetensorError)
-    except ImportError:  # pragma: no cover - safetensors is a dependency
-        pass
+    from safetensors import SafetensorError
+
+    types.append(SafetensorError)
     return tuple(types)
 
 
