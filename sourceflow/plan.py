@@ -680,11 +680,12 @@ class EncoderGeometry:
     cls_dim: int
     spatial: tuple[int, int, int]
     input_px: int  # the side the encoder network sees
+    itemsize: int = 4  # bytes per stored latent value: the encoder's dtype (float32 4, float16 2)
 
     @property
     def row_bytes(self) -> int:
-        """float32 bytes of one store row (spatial + CLS; index and flip add 9 bytes)."""
-        return 4 * (math.prod(self.spatial) + self.cls_dim) + 9
+        """Bytes of one store row (spatial + CLS at the store's dtype; index and flip add 9 bytes)."""
+        return self.itemsize * (math.prod(self.spatial) + self.cls_dim) + 9
 
 
 # Published sizes of the encoders' networks (the weights are not here): DINOv2-B and the RAE's DINOv2-B with
@@ -693,6 +694,12 @@ VIT_SIZES = {"dinov2": (768, 14), "rae": (768, 14), "siglip2": (768, 16), "mae":
 
 
 def encoder_geometry(enc: dict[str, Any], resolution: int) -> EncoderGeometry:
+    """The shapes (and bytes per value) an encoder config writes per image."""
+    geo = _encoder_shapes(enc, resolution)
+    return EncoderGeometry(geo.cls_dim, geo.spatial, geo.input_px, 2 if enc.get("dtype") == "float16" else 4)
+
+
+def _encoder_shapes(enc: dict[str, Any], resolution: int) -> EncoderGeometry:
     kind = enc["kind"]
     res = enc.get("resolution") or resolution
     if kind == "pixels":
@@ -1014,7 +1021,8 @@ def encoder_costs(kind: str, geo: EncoderGeometry, resolution: int, batch: int, 
                 out[f"{name}_peak"] = _peak(tracker)[0]
         return out
 
-    return _cached("encoder", {"kind": kind, "geo": asdict(geo), "res": resolution, "batch": batch}, compute, use_cache)
+    shapes = {k: v for k, v in asdict(geo).items() if k != "itemsize"}  # the stored dtype costs the network nothing
+    return _cached("encoder", {"kind": kind, "geo": shapes, "res": resolution, "batch": batch}, compute, use_cache)
 
 
 def run_fake_forward(specs: list[dict[str, Any]], data: ShapeData, batch: int, cls_dim: int = 768) -> dict[str, Any]:
@@ -1344,7 +1352,7 @@ class Planner:
         batch = int(enc.get("batch_size", 256))
         cost = encoder_costs(enc["kind"], geo, res, batch, self.use_cache)
         store = rows * geo.row_bytes
-        shard = int(enc.get("shard_rows", 1024)) * (4 * math.prod(geo.spatial) + 4 * geo.cls_dim)
+        shard = int(enc.get("shard_rows", 1024)) * 4 * (math.prod(geo.spatial) + geo.cls_dim)  # float32 buffers
         batch_bytes = batch * res * res * 3  # the loader's batches are uint8 [B, R, R, 3] (ADM crops)
         host_proc = {"process": self.io.process_gb if gpus else self.io.cpu_process_gb,
                      "two shard buffers (shard_rows x row, one being written)": 2 * shard / GB,
@@ -1367,7 +1375,7 @@ class Planner:
                                              disk={f"store: {rows} rows x {geo.row_bytes} B": store / GB}),
                            notes=[f"{enc['kind']}: {cost['params'] / 1e6:.0f}M parameters, "
                                   f"{cost['encode_flops'] / 1e9:.1f} GFLOP per image (measured); latents "
-                                  f"{geo.spatial} + CLS {geo.cls_dim}, float32; hours: max of compute "
+                                  f"{geo.spatial} + CLS {geo.cls_dim}, {enc.get('dtype', 'float32')}; hours: max of compute "
                                   f"{t_compute:.2f}, decode {t_decode:.2f}, write {t_write:.2f}"])
 
     def _latent_stats(self, job: Job) -> Entry:
@@ -1375,7 +1383,7 @@ class Planner:
         geo = self.geo(job.dataset, job.encoder)
         rows = enc["stats_images"] or self.rows(job.dataset, job.encoder)
         mem = latent_stats_mem_mb(geo.spatial, enc["stats_batch_rows"])
-        read = rows * 4 * math.prod(geo.spatial)
+        read = rows * geo.itemsize * math.prod(geo.spatial)
         hours = read / (self.io.read_gbps * GB) / 3600
         return self._entry(job, host_mem_gb=mem / 1000, disk_gb=_gb(2 * 4 * math.prod(geo.spatial)), hours=hours,
                            bound="read", terms=self._terms(host={"latent_stats_mem_mb (the rule's formula)": mem / 1000}),
@@ -1539,9 +1547,9 @@ class Planner:
         geo = self.geo(d, spec["encoder"])
         rows = self.rows(d, spec["encoder"])
         shard = int(enc.get("shard_rows", 1024))
-        arrays = {"spatial latents": (rows, 4 * math.prod(geo.spatial), shard)}
+        arrays = {"spatial latents": (rows, geo.itemsize * math.prod(geo.spatial), shard)}
         if spec["coupling"]["kind"] == "mode":
-            arrays["CLS descriptors"] = (rows, 4 * geo.cls_dim, shard)
+            arrays["CLS descriptors"] = (rows, geo.itemsize * geo.cls_dim, shard)
         if spec["conditioning"] == "text":
             length, width = text_shape(self.config, spec)
             te = ds["captions"]["text_encoders"][spec["text_encoder"]]

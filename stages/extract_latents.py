@@ -108,6 +108,8 @@ def main() -> None:
                    help="cpu, cuda (each torchrun process takes cuda:LOCAL_RANK) or an explicit device")
     p.add_argument("--compressor", default="none", choices=["none", "lz4"],
                    help="codec for the arrays (float latents barely compress)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="float type of the stored latents (float16: half the disk and the bytes per training batch)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing store made with different settings instead of refusing")
     p.add_argument("--out", required=True, help="output store, e.g. results/digits/pixels/latents.zarr; "
@@ -163,7 +165,7 @@ def main() -> None:
         if out.exists():
             if not (out / "zarr.json").is_file():
                 raise ValueError(f"{out}: exists but is not a Zarr store; delete it")
-            full = dict(identity, **shape_args, compressor=a.compressor, layout_version=LAYOUT_VERSION)
+            full = dict(identity, **shape_args, compressor=a.compressor, dtype=a.dtype, layout_version=LAYOUT_VERSION)
             full["spatial_shape"] = list(full["spatial_shape"])
             diff = LatentWriter.identity_mismatch(out, full)
             if diff and not a.overwrite:
@@ -176,7 +178,7 @@ def main() -> None:
                 print(f"{out}: settings changed ({', '.join(diff)}); starting over", file=sys.stderr)
                 shutil.rmtree(out)
         if not out.exists():
-            LatentWriter.create(out, identity, compressor=a.compressor, **shape_args)
+            LatentWriter.create(out, identity, compressor=a.compressor, dtype=a.dtype, **shape_args)
         else:
             LatentWriter(out).clean_partial_files()
     dist.barrier()

@@ -30,6 +30,11 @@ from sourceflow.store.sharded import GuardedArray, check_chunk_files
 from sourceflow.store.stats import LatentStats
 
 
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """float16 rows of a half-precision store as float32 (what the models and normalisation compute in)."""
+    return t.float() if t.dtype == torch.float16 else t
+
+
 class StoreRows:
     """Rows of a Zarr array, indexable like a tensor: ``rows[idx]`` → tensor of ``len(idx)`` rows.
 
@@ -51,7 +56,7 @@ class StoreRows:
     def _load(self) -> torch.Tensor:
         if self.data is None:
             stop = int(self.row_map.max()) + 1 if self.row_map is not None and len(self.row_map) else None
-            full = torch.from_numpy(np.ascontiguousarray(self.array[:stop]))
+            full = _float32(torch.from_numpy(np.ascontiguousarray(self.array[:stop])))
             self.data = self.transform(full) if self.transform else full
         return self.data
 
@@ -67,7 +72,7 @@ class StoreRows:
             return self._load()[torch.from_numpy(rows)]
         # Zarr reads sorted unique rows best (orthogonal selection); restore the requested order after.
         uniq, inverse = np.unique(rows, return_inverse=True)
-        out = torch.from_numpy(np.ascontiguousarray(self.array.get_orthogonal_selection((uniq,))))[torch.from_numpy(inverse)]
+        out = _float32(torch.from_numpy(np.ascontiguousarray(self.array.get_orthogonal_selection((uniq,)))))[torch.from_numpy(inverse)]
         return self.transform(out) if self.transform else out
 
 

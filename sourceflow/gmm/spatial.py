@@ -179,7 +179,7 @@ def accumulate(batches: Iterator[tuple[np.ndarray, np.ndarray]], normalize: Call
                 if index.max(initial=-1) >= len(label_of) or (label_of[index] < 0).any():
                     bad = next(int(i) for i in index if i >= len(label_of) or label_of[i] < 0)
                     raise KeyError(f"manifest index {bad} of the store has no CLS label")
-                z = normalize(torch.from_numpy(np.ascontiguousarray(spatial))).to(torch.float64)
+                z = normalize(torch.from_numpy(np.ascontiguousarray(spatial)).float()).to(torch.float64)
                 if z.ndim != 4 or z[0].numel() != d:
                     raise ValueError(f"spatial rows of shape {tuple(z.shape[1:])} ({z[0].numel()} values), "
                                      f"expected [C, H, W] with {d} values")

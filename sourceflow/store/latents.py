@@ -2,14 +2,17 @@
 
 Layout (a Zarr v3 group, e.g. ``results/{dataset}/{encoder}/latents.zarr``):
 
-- ``cls`` float32 [N, D], ``spatial`` float32 [N, C, H, W], ``index`` int64 [N] (manifest index of the
-  image), ``flip`` uint8 [N] (1 = horizontally flipped copy).
+- ``cls`` [N, D], ``spatial`` [N, C, H, W] (float32, or float16 with the ``dtype`` attribute: half the
+  bytes on disk and per training batch), ``index`` int64 [N] (manifest index of the image), ``flip`` uint8
+  [N] (1 = horizontally flipped copy).
 - Rows [0, M) are the M images of the split in manifest order; with flips, rows [M, 2M) are their
   flipped copies in the same order (row i + M is the flip of row i), so N = 2M.
 - Every array is sharded along rows: shard ``s`` holds rows [s·shard_rows, (s+1)·shard_rows) of every
   array, one file per array. No compressor by default (float latents barely compress).
 - Group attributes: encoder, weights, encoder_options, resolution, manifest_hash, split, flips,
-  num_images (M), shard_rows, cls_dim, spatial_shape, layout_version, complete.
+  num_images (M), shard_rows, cls_dim, spatial_shape, dtype, layout_version, complete.
+- Inner chunks are row-granular for wide rows (``sourceflow.store.sharded.chunk_rows``): a training batch of
+  random rows reads each row's bytes and the shard index, not its neighbours.
 
 Writing (``LatentWriter``, on the generic row-sharded writer of ``sourceflow.store.sharded``): the store is created once, atomically (built in a temporary folder and
 renamed). Writers reopen it read-write; each process owns whole shards (Zarr 3 writers that share a
@@ -45,10 +48,13 @@ from sourceflow.store.sharded import (
 
 ARRAYS = ("cls", "spatial", "index", "flip")
 DTYPES = {"cls": "float32", "spatial": "float32", "index": "int64", "flip": "uint8"}
+FLOAT_DTYPES = ("float32", "float16")  # the ``dtype`` of cls and spatial
 LAYOUT_VERSION = 1
 # Attributes that say what a store holds: a store is resumed only if all of these match.
 IDENTITY_KEYS = ("encoder", "weights", "encoder_options", "resolution", "manifest_hash", "split", "flips",
-                 "num_images", "shard_rows", "cls_dim", "spatial_shape", "compressor", "layout_version")
+                 "num_images", "shard_rows", "cls_dim", "spatial_shape", "compressor", "dtype", "layout_version")
+# what a store made before an identity key existed holds
+IDENTITY_DEFAULTS = {"dtype": "float32"}
 
 
 def _zarr():
@@ -180,8 +186,11 @@ class LatentWriter(ShardedWriter):
     # -- creation and identity -------------------------------------------------------------------
     @staticmethod
     def create(path: str | Path, identity: dict, *, cls_dim: int, spatial_shape: Sequence[int],
-               num_images: int, flips: bool, shard_rows: int, compressor: str = "none") -> None:
-        """Create an empty store at ``path`` (must not exist), atomically: temp folder + rename."""
+               num_images: int, flips: bool, shard_rows: int, compressor: str = "none", dtype: str = "float32") -> None:
+        """Create an empty store at ``path`` (must not exist), atomically: temp folder + rename; ``dtype`` is
+        the float type of ``cls`` and ``spatial`` (float32 or float16)."""
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{path}: latent dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
         n = num_rows_of(num_images, flips)
         if n < 1:
             raise ValueError(f"{path}: no rows to store (num_images={num_images})")
@@ -189,15 +198,28 @@ class LatentWriter(ShardedWriter):
                   "flip": (n,)}
         attrs = dict(identity)
         attrs.update(num_images=int(num_images), flips=bool(flips), cls_dim=int(cls_dim),
-                     spatial_shape=[int(x) for x in spatial_shape], layout_version=LAYOUT_VERSION)
-        create_sharded_group(path, {k: (shapes[k], DTYPES[k]) for k in ARRAYS}, shard_rows, attrs, compressor)
+                     spatial_shape=[int(x) for x in spatial_shape], dtype=dtype, layout_version=LAYOUT_VERSION)
+        dtypes = {**DTYPES, "cls": dtype, "spatial": dtype}
+        create_sharded_group(path, {k: (shapes[k], dtypes[k]) for k in ARRAYS}, shard_rows, attrs, compressor)
 
     @staticmethod
     def identity_mismatch(path: str | Path, identity: dict) -> dict[str, tuple[Any, Any]]:
         """Identity attributes of the store at ``path`` that differ from ``identity``: {key: (stored, wanted)}."""
         stored = dict(_zarr().open_group(str(path), mode="r").attrs)
         want = jsonable(identity)
-        return {k: (stored.get(k), want[k]) for k in IDENTITY_KEYS if k in want and stored.get(k) != want[k]}
+        have = {k: stored.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
+        return {k: (have[k], want[k]) for k in IDENTITY_KEYS if k in want and have[k] != want[k]}
+
+    def write_shard(self, s: int, arrays: dict[str, np.ndarray]) -> None:
+        """:meth:`ShardedWriter.write_shard`, refusing float32 latents that a float16 store cannot hold."""
+        for name in ("cls", "spatial"):
+            a = arrays.get(name)
+            if a is not None and self.arrays[name].dtype == np.float16 and a.size:
+                top = max(float(np.max(a)), -float(np.min(a)))  # NaN stays NaN; no temporary the size of a shard
+                if top > float(np.finfo(np.float16).max):
+                    raise ValueError(f"{self.path}: {name} latents reach {top:.4g}, beyond float16's "
+                                     f"{float(np.finfo(np.float16).max):g}; extract with dtype: float32")
+        super().write_shard(s, arrays)
 
     # -- completion -----------------------------------------------------------------------------
     def verify(self, expected_index: np.ndarray, expected_flip: np.ndarray) -> list[str]:

@@ -27,7 +27,13 @@ import numpy as np
 from sourceflow.io import naming_full_disk, reading
 
 DONE_DIR = "_done"
-CHUNK_TARGET_BYTES = 4 << 20
+# Inner chunks: a row of at least ROW_CHUNK_MIN_BYTES is a chunk of its own, so a training batch of random
+# rows (ImageNet's RAE latents: 384 KiB per float16 row) reads its rows and the shard indexes, not the
+# neighbours (read amplification ~1.0 instead of the chunk's row count: benchmarks/data_path.py); narrower
+# rows (CLS, labels) share chunks of at most CHUNK_TARGET_BYTES, about a disk read. Sequential readers read
+# whole shards either way.
+ROW_CHUNK_MIN_BYTES = 16 << 10
+CHUNK_TARGET_BYTES = 64 << 10
 
 
 def _zarr():
@@ -38,8 +44,11 @@ def _zarr():
 
 def chunk_rows(shard_rows: int, row_bytes: int, target: int = CHUNK_TARGET_BYTES) -> int:
     """Rows per inner chunk: the largest divisor of ``shard_rows`` whose chunk stays under ``target`` bytes
-    (at least 1), so a random row read touches at most a few MiB."""
+    (at least 1); 1 for rows of ROW_CHUNK_MIN_BYTES or more, so a random row read touches one wide row or
+    at most ``target`` bytes."""
     best = 1
+    if row_bytes >= ROW_CHUNK_MIN_BYTES:
+        return best
     for d in range(1, shard_rows + 1):
         if shard_rows % d == 0 and d * row_bytes <= target:
             best = d

@@ -27,7 +27,7 @@ SHARD_ROWS = 256  # 1 MiB shards of 4-row (16 KiB) inner chunks
 def make_store(path: Path, num_images: int, shape: tuple[int, ...] = SHAPE, shard_rows: int = SHARD_ROWS,
                chunk_rows: int | None = 4) -> LatentStore:
     """A complete store of random rows with flips (2 × num_images rows); ``chunk_rows`` forces the inner
-    chunking (None: the store's own rule, chunks of at most 4 MiB)."""
+    chunking (None: the store's own rule, sourceflow.store.sharded.chunk_rows)."""
     if chunk_rows is not None:
         real = sharded.chunk_rows
         sharded.chunk_rows = lambda s, row_bytes, target=0: chunk_rows
@@ -100,11 +100,12 @@ print(json.dumps(rss))
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc for the peak RSS (VmHWM)")
 def test_latent_stats_max_rss_does_not_grow_with_the_store(tmp_path):
     """One child process computes the stats (a 64-image subset, then all rows; 16-row batches = 2 MiB in
-    float64) on a 12 MiB store, then on a 96 MiB one: its max RSS grows by less than three 4 MiB chunks (a
+    float64) on a 12 MiB store, then on a 96 MiB one: its max RSS grows by less than 12 MiB (three of the 4 MiB
+    chunks this store had before chunks became row-granular; a
     read proportional to the store would add ~84 MiB). Measured: +4 MiB, and no more from 96 to 192 MiB
     stores (+4 MiB steps until Zarr's I/O threads have each kept a chunk buffer). Reading the big store
     whole afterwards does raise it by ~96 MiB, so the measurement sees such growth."""
-    shape = (64, 16, 16)  # 64 KiB rows, the store's own chunking (64-row, 4 MiB chunks in 16 MiB shards)
+    shape = (64, 16, 16)  # 64 KiB rows, the store's own chunking (one row per chunk in 16 MiB shards)
     paths = []
     for m in (96, 768):
         paths.append(tmp_path / f"s{m}.zarr")

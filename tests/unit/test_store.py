@@ -346,3 +346,89 @@ def test_latent_stats_subset_matches_numpy_of_those_rows(tmp_path, monkeypatch):
     # a subset may only hold unflipped rows: a flipped row is refused, not silently used
     with pytest.raises(ValueError, match="holds flipped rows"):
         compute_latent_stats(LatentStore.open(path), rows=np.array([0, m + 1]))
+
+
+def test_float16_store_round_trip_training_rows_and_overflow(manifest, tmp_path, capsys):
+    """dtype float16: the stage writes half the bytes, every value is float32's nearest float16, the
+    training rows come back as float32 equal to the stored halves normalised, an older store (no dtype
+    attribute) counts as float32, and a latent beyond float16's range stops the write with one line."""
+    from sourceflow.data.latent_data import StoreRows
+
+    base = ["--manifest", manifest, "--encoder", "pixels", "--resolution", 12, "--flips", "--shard-rows", 8]
+    ref, half = tmp_path / "f32.zarr", tmp_path / "f16.zarr"
+    run_stage("extract_latents", *base, "--out", ref)
+    run_stage("extract_latents", *base, "--dtype", "float16", "--out", half)
+    a, b = LatentStore.open(ref), LatentStore.open(half)
+    assert b.attrs["dtype"] == "float16" and a.attrs["dtype"] == "float32"
+    for name in ("cls", "spatial"):
+        assert b.array(name).dtype == np.float16
+        assert np.array_equal(b.read(name), a.read(name).astype(np.float16))
+    size = {p: sum(f.stat().st_size for f in (p / "spatial").rglob("*") if f.is_file()) for p in (ref, half)}
+    assert size[half] < 0.55 * size[ref]
+    stats = LatentStats(torch.zeros(3, 12, 12), torch.full((3, 12, 12), 4.0), 0.0, "mean_std")
+    rows = StoreRows(b.array("spatial"), None, stats.normalize, in_memory=False)
+    got = rows[np.array([5, 1, 5, 70])]
+    assert got.dtype == torch.float32
+    want = torch.from_numpy(b.read("spatial")[[5, 1, 5, 70]].astype(np.float32)) / 2
+    assert torch.equal(got, want)
+    # changing the dtype is a changed setting; a store without the attribute is float32
+    with pytest.raises(SystemExit):
+        run_stage("extract_latents", *base, "--out", half)
+    assert "dtype: stored 'float16', now 'float32'" in capsys.readouterr().err
+    full = {k: b.attrs[k] for k in ("encoder", "weights", "encoder_options", "resolution", "manifest_hash",
+                                    "split", "flips", "num_images", "shard_rows", "cls_dim", "spatial_shape")}
+    assert LatentWriter.identity_mismatch(half, {**full, "dtype": "float16"}) == {}
+    import zarr
+    g = zarr.open_group(str(ref), mode="r+")
+    del g.attrs["dtype"]
+    assert LatentWriter.identity_mismatch(ref, {**full, "dtype": "float32"}) == {}
+    # overflow
+    path = tmp_path / "big.zarr"
+    LatentWriter.create(path, {"encoder": "t"}, cls_dim=2, spatial_shape=(1, 1, 2), num_images=4, flips=False,
+                        shard_rows=4, dtype="float16")
+    w = LatentWriter(path)
+    idx, flip = expected_index_flip(np.arange(4), False)
+    spatial = np.ones((4, 1, 1, 2), np.float32)
+    spatial[2, 0, 0, 1] = -7e4
+    with pytest.raises(ValueError, match=r"spatial latents reach 7e\+04, beyond float16's 65504; extract with dtype: float32"):
+        w.write_shard(0, {"cls": np.zeros((4, 2), np.float32), "spatial": spatial, "index": idx, "flip": flip})
+    assert w.pending_shards() == [0]
+
+
+def test_wide_rows_get_row_granular_chunks(tmp_path):
+    """A random row of a wide array (ImageNet RAE: 768x16x16) is one inner chunk: reading 64 random rows
+    of a 4096-row shard reads ~64 rows' bytes plus the shard index, not whole multi-row chunks."""
+    import os
+
+    from sourceflow.store.sharded import chunk_rows
+
+    assert chunk_rows(4096, 768 * 16 * 16 * 2) == 1 and chunk_rows(4096, 768 * 16 * 16 * 4) == 1
+    assert chunk_rows(4096, 768 * 4) == 16  # CLS rows share 48 KiB chunks
+    assert chunk_rows(1000, 8) == 1000
+    path = tmp_path / "wide.zarr"
+    assert chunk_rows(4096, 16 << 10) == 1 and chunk_rows(4096, 8 << 10) == 8
+    n, shape = 512, (16, 32, 32)  # 32 KiB float16 rows
+    LatentWriter.create(path, {"encoder": "t"}, cls_dim=4, spatial_shape=shape, num_images=n, flips=False,
+                        shard_rows=256, dtype="float16")
+    w = LatentWriter(path)
+    rng = np.random.default_rng(0)
+    idx, flip = expected_index_flip(np.arange(n), False)
+    for s in range(w.num_shards):
+        lo, hi = w.shard_range(s)
+        w.write_shard(s, {"cls": np.zeros((hi - lo, 4), np.float32), "index": idx[lo:hi], "flip": flip[lo:hi],
+                          "spatial": rng.normal(size=(hi - lo, *shape)).astype(np.float32)})
+    w.mark_complete()
+    st = LatentStore.open(path)
+    assert st.array("spatial").chunks[0] == 1 and st.array("spatial").shards[0] == 256
+
+    def rchar() -> int:
+        return int(next(line for line in open("/proc/self/io") if line.startswith("rchar")).split()[1])
+
+    rows = np.sort(rng.choice(n, 64, replace=False))
+    before = rchar()
+    got = st.array("spatial").get_orthogonal_selection((rows,))
+    read = rchar() - before
+    row_bytes = 2 * int(np.prod(shape))
+    assert got.shape == (64, *shape)
+    assert 64 * row_bytes <= read <= 1.2 * 64 * row_bytes, (read, 64 * row_bytes)
+    assert os.path.getsize(w.shard_files(0)["spatial"]) < 1.01 * 256 * row_bytes

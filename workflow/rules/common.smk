@@ -412,6 +412,8 @@ def encoder_args(wc):
     e = encoder_spec(wc)
     args = f"--encoder {e['kind']} --resolution {encoder_resolution(wc)} --batch-size {e['batch_size']} "
     args += f"--shard-rows {e['shard_rows']} --workers {e['workers']} " + ("--flips" if e["flips"] else "--no-flips")
+    if e["dtype"] != "float32":  # only when set, so stores made before the key existed are not rerun
+        args += f" --dtype {e['dtype']}"
     if e["weights"]:
         args += f" --weights {e['weights']}"
     if e["pool"]:
