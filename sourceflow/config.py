@@ -376,6 +376,8 @@ def _in_hub_cache(repo_id: str) -> bool:
 def spec_hash(spec: dict[str, Any]) -> str:
     """Stable short hash of what determines a run's training (stored in checkpoints)."""
     keep = {k: v for k, v in spec.items() if k not in ("sample", "evaluate", "seeds", "model_from")}
+    if "train" in keep:  # how rows are read ahead changes no result: a checkpoint stays valid across it
+        keep["train"] = {k: v for k, v in keep["train"].items() if k != "loader"}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -52,3 +52,18 @@ def seeded_normal(seeds: torch.Tensor, shape: tuple[int, ...], stream: int = 1, 
     theta = 2.0 * math.pi * u[:, half:]
     z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :numel]
     return z.to(dtype).reshape(-1, *shape)
+
+
+def normal_on(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str | None) -> torch.Tensor:
+    """Standard normals of ``shape`` on ``device`` from a CPU ``generator``.
+
+    On CPU (or without a generator) they are the generator's own next numbers. On an accelerator they are
+    drawn there, by a generator seeded with one 62-bit draw of ``generator``: an ImageNet step's source noise
+    is [128, 768, 16, 16] = 25M numbers per GPU, ~0.1 s of CPU time and a 100 MB host-to-device copy per step
+    if drawn on the host. Still a pure function of ``generator``'s state, so resumes stay exact.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cpu" or generator is None:
+        return torch.randn(shape, generator=generator).to(device)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.randn(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sourceflow.data import toy
-from sourceflow.flow.rng import seeded_normal, seeded_uniform
+from sourceflow.flow.rng import normal_on, seeded_normal, seeded_uniform
 from sourceflow.gmm.diag import load_gmm_tensors
 
 
@@ -62,12 +62,13 @@ class Source(nn.Module, abc.ABC):
 
     def sample(self, n: int, generator: torch.Generator | None = None, cond: torch.Tensor | None = None,
                mode: torch.Tensor | None = None, device: torch.device | str | None = None) -> SourceDraw:
-        """Fresh draw of ``n`` samples (noise drawn on CPU with ``generator``, then moved to ``device``:
-        the data's / model's device; a source without tensors of its own, like N(0, I), has no device)."""
-        z = torch.randn(n, *self.event_shape, generator=generator)
-        u = torch.rand(n, max(self.num_uniforms, 1), generator=generator, dtype=torch.float64)
+        """Fresh draw of ``n`` samples on ``device`` (the data's / model's; a source without tensors of its
+        own, like N(0, I), has no device): the normals from ``generator`` on CPU, drawn on the device itself
+        on an accelerator (:func:`normal_on`); the few uniforms always on CPU."""
         dev = device if device is not None else self._device()
-        return self.transform(z.to(dev), u.to(dev), cond, mode)
+        z = normal_on((n, *self.event_shape), generator, dev)
+        u = torch.rand(n, max(self.num_uniforms, 1), generator=generator, dtype=torch.float64)
+        return self.transform(z, u.to(dev), cond, mode)
 
     def from_seeds(self, seeds: torch.Tensor, cond: torch.Tensor | None = None,
                    mode: torch.Tensor | None = None, device: torch.device | str | None = None) -> SourceDraw:

@@ -40,6 +40,7 @@ from sourceflow.flow.couplings import Batch, mean_coupling_cost
 from sourceflow.flow.method import Method, Objective
 from sourceflow.io import atomic_path, log_timings, save_safetensors, write_json
 from sourceflow.progress import bar as progress_bar
+from sourceflow.train.batches import resolve_workers, step_rows, to_device
 from sourceflow.train.checkpoint import load_checkpoint, save_checkpoint
 from sourceflow.train.ema import EMA
 from sourceflow.train.schedule import Schedule
@@ -69,6 +70,8 @@ class TrainSettings:
     trackers: tuple[str, ...] = ()  # accelerate trackers beside the JSONL log: tensorboard, wandb
     nonfinite: str = "stop"  # a step with a non-finite loss or gradient: stop, or skip it (up to max_skipped_steps)
     max_skipped_steps: int = 10
+    loader_workers: int | str = "auto"  # processes reading ahead (sourceflow.train.batches); auto: for streamed data
+    loader_prefetch: int = 4  # steps each worker reads ahead
 
     @classmethod
     def from_spec(cls, train: dict[str, Any], epoch_size: int | None = None,
@@ -86,7 +89,8 @@ class TrainSettings:
                    train.get("min_lr", 0.0), accum, auto, train.get("ema_schedule"),
                    train.get("ema_warmup", True), train.get("pair_batch"), train.get("epoch_size") or epoch_size,
                    tuple(t for t in train.get("trackers", ()) if t != "jsonl"), train.get("nonfinite", "stop"),
-                   train.get("max_skipped_steps", 10))
+                   train.get("max_skipped_steps", 10), train.get("loader", {}).get("workers", "auto"),
+                   train.get("loader", {}).get("prefetch", 4))  # the schema's defaults (no default object there)
 
     def __post_init__(self) -> None:
         if isinstance(self.lr_schedule, dict):
@@ -186,11 +190,16 @@ class ArrayDataset:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def batch(self, idx: torch.Tensor, device: torch.device) -> Batch:
+    def rows(self, idx: torch.Tensor) -> Batch:
+        """Rows ``idx`` where they are (CPU for stores; see ``sourceflow.train.batches``)."""
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[idx].to(device)
+            return None if t is None else t[idx]
 
-        return Batch(self.x[idx].to(device), idx.to(device), pick(self.cond), pick(self.cls))
+        return Batch(self.x[idx], idx, pick(self.cond), pick(self.cls))
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> Batch:
+        b = self.rows(idx)
+        return to_device((b.x1, b.idx, b.cond, b.cls), device)
 
 
 def _gather_batch(acc: Accelerator, b: Batch) -> Batch:
@@ -428,6 +437,19 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
     if chunked and settings.pair_batch % world:
         raise ValueError(f"pair_batch {settings.pair_batch} is not divisible by {world} process(es)")
     chunk_pair, chunk_id = None, None
+    # every step's rows, read ahead (worker processes for streamed stores); chunked pairing reads its chunks itself
+    workers = resolve_workers(settings.loader_workers, data)
+    ahead = None if chunked else step_rows(data, plan, micro_b, local, accum, start, settings.steps, workers,
+                                           settings.loader_prefetch, pin_memory=device.type == "cuda")
+    if workers:
+        acc.print(f"train.loader: {workers} worker process(es) reading {settings.loader_prefetch} steps ahead")
+
+    def close_readers() -> None:
+        """End the pairing thread and the reading workers (the loop ends early on a stop or an error too)."""
+        if prefetch is not None:
+            prefetch.shutdown(wait=True)
+        if ahead is not None:
+            ahead.close()
     # One process: the next chunk is paired in a background thread while this one trains (the solvers
     # release the GIL). The pairing is a pure function of (seed, chunk) and of the coupling state, which
     # only the pairing changes, in chunk order, so the weights are bitwise those of pairing in line. A
@@ -477,7 +499,6 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
     for step in range(start, settings.steps):
         for group in opt.param_groups:
             group["lr"] = settings.lr_at(step, len(data))
-        idx = plan.indices(step)
         if chunked and chunk_id != step // plan.k:
             # one assignment for the whole chunk (identical on every process), consumed by k steps
             chunk_id = step // plan.k
@@ -497,6 +518,7 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
             if (prefetch is not None and stop.signum is None and nxt < settings.steps and nxt % settings.checkpoint_every
                     and _idle_core()):
                 pending[chunk_id + 1] = prefetch.submit(pair_chunk, chunk_id + 1, plan.chunk_indices(chunk_id + 1))
+        fetched = None if ahead is None else next(ahead)
         opt.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
         loss_sum = 0.0
@@ -510,7 +532,7 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
                 batch, sel, pair_gen = None, slice(None), None
             else:
                 # micro-batch m of the global batch; process r takes its share of every micro-batch
-                mine = data.batch(idx[m * micro_b:(m + 1) * micro_b][local], device)
+                mine = to_device(fetched[m], device)
                 if shards_disjoint is None and world > 1:
                     allidx = acc.gather(mine.idx)
                     shards_disjoint = bool(torch.unique(allidx).numel() == allidx.numel() == micro_b)
@@ -539,8 +561,7 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
             skipped += 1
             if settings.nonfinite == "stop" or skipped > settings.max_skipped_steps:
                 bar.close()
-                if prefetch is not None:
-                    prefetch.shutdown(wait=True)
+                close_readers()
                 why = "" if settings.nonfinite == "stop" else f" ({skipped} skipped steps, max {settings.max_skipped_steps})"
                 raise FloatingPointError(f"non-finite {what} at step {step}{why}; the last good checkpoint is kept in "
                                          f"{ckpt_dir} (train.nonfinite: skip skips such steps)")
@@ -577,8 +598,7 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
             save(done)
         if stop_after is not None and done - start >= stop_after:
             bar.close()
-            if prefetch is not None:
-                prefetch.shutdown(wait=True)
+            close_readers()
             return {"stopped_at": done}
         signum = stop.agreed(acc, world)
         # at a pairing boundary with no pairing in flight, so that a resume re-pairs from the saved coupling state
@@ -586,16 +606,14 @@ def _train(model: torch.nn.Module, method: Method, data: ArrayDataset, settings:
             if done % settings.checkpoint_every:
                 save(done)
             bar.close()
-            if prefetch is not None:
-                prefetch.shutdown(wait=True)
+            close_readers()
             name = signal.Signals(signum).name
             if acc.is_main_process:
                 print(f"stopped on {name} after step {done}: checkpoint in {ckpt_dir} (a rerun resumes there)",
                       file=sys.stderr, flush=True)
             raise Interrupted(done, name)
     bar.close()
-    if prefetch is not None:
-        prefetch.shutdown(wait=True)
+    close_readers()
     if settings.trackers:
         acc.end_training()
     seconds = time.time() - t0
