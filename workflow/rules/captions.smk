@@ -38,6 +38,7 @@ rule embed_captions:
         te=text_encoder_spec,
         weights=lambda wc: f"--text-weights {text_encoder_spec(wc)['weights']}" if text_encoder_spec(wc)["weights"] else "",
         device=lambda wc, resources: "cuda" if resources.gpu else "cpu",
+        store=lambda wc: f"--dtype {text_encoder_spec(wc)['dtype']}" + (" --trim" if text_encoder_spec(wc)["trim"] else ""),
     log:
         f"{R}/logs/{{dataset}}/embed_captions_{{text_encoder}}.log",
     benchmark:
@@ -52,4 +53,4 @@ rule embed_captions:
     shell:
         "python stages/embed_captions.py --aligned {input.aligned} --manifest {input.manifest} --split train "
         "--text-encoder {params.te[kind]} {params.weights} --max-length {params.te[max_length]} "
-        "--batch-size {params.te[batch_size]} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        "--batch-size {params.te[batch_size]} {params.store} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
