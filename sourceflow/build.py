@@ -101,6 +101,9 @@ def add_data_args(p: argparse.ArgumentParser, toy_split: str) -> None:
     g.add_argument("--stats", default=None, help="latent_stats.safetensors that normalizes the latents")
     g.add_argument("--manifest", default=None, help="manifest.parquet (class labels of the images)")
     g.add_argument("--captions", default=None, help="caption embeddings (.zarr of embed_captions; text conditioning)")
+    g.add_argument("--posteriors", default=None,
+                   help="MM-FM with coupling.posterior_topk: the cls_posteriors table the mode coupling samples "
+                        "from in training (sampling does not pair and ignores it)")
 
 
 def load_data(a: argparse.Namespace, spec: dict[str, Any], split: str = "train") -> PointData | LatentData:
@@ -206,8 +209,8 @@ def build_source(spec: dict[str, Any], data: PointData | LatentData, gmm_path: s
     raise ValueError(f"unknown source kind {kind!r}")
 
 
-def build_coupling(spec: dict[str, Any], data: PointData | LatentData, seed: int, gmm_path: str | Path | None
-                   ) -> Coupling:
+def build_coupling(spec: dict[str, Any], data: PointData | LatentData, seed: int, gmm_path: str | Path | None,
+                   posteriors: str | Path | None = None) -> Coupling:
     c = spec["coupling"]
     kind = c["kind"]
     if kind == "independent":
@@ -225,14 +228,29 @@ def build_coupling(spec: dict[str, Any], data: PointData | LatentData, seed: int
     if kind == "mode":
         if gmm_path is None:
             raise ValueError("the MM-FM mode coupling needs --gmm (the fitted CLS GMM file)")
-        return ModeCoupling(DiagGMM.load(gmm_path).to("cpu", torch.float64), posterior=c.get("posterior", "soft"))
+        table, top_k = None, int(c.get("posterior_topk", 0)) if uses_posterior_table(spec) else 0
+        if top_k and posteriors is not None:  # sampling never pairs: without the file, pairing raises
+            from sourceflow.gmm.posteriors import PosteriorTable
+
+            table = PosteriorTable.load(posteriors, len(data))
+            if table.k != top_k:
+                raise ValueError(f"{posteriors}: top-{table.k} posteriors, coupling.posterior_topk is {top_k}")
+        return ModeCoupling(DiagGMM.load(gmm_path).to("cpu", torch.float64), posterior=c.get("posterior", "soft"),
+                            table=table, table_k=top_k)
     raise ValueError(f"unknown coupling kind {kind!r}")
 
 
+def uses_posterior_table(spec: dict[str, Any]) -> bool:
+    """MM-FM on images with ``coupling.posterior_topk`` > 0: modes come from the cls_posteriors table."""
+    c = spec["coupling"]
+    return c["kind"] == "mode" and int(c.get("posterior_topk", 0)) > 0 and spec.get("encoder") is not None
+
+
 def build_method(spec: dict[str, Any], data: PointData | LatentData, seed: int, gmm_path: str | Path | None = None,
-                 source_gmm: str | Path | None = None) -> Method:
+                 source_gmm: str | Path | None = None, posteriors: str | Path | None = None) -> Method:
     """The method of ``spec``. ``gmm_path``: the CLS GMM (MM-FM's mode coupling); ``source_gmm``: the GMM
-    x0 is drawn from (the spatial GMM for images; for toy points the CLS GMM itself, the default)."""
+    x0 is drawn from (the spatial GMM for images; for toy points the CLS GMM itself, the default);
+    ``posteriors``: the top-k posterior table the mode coupling samples from (``coupling.posterior_topk``)."""
     from sourceflow.flow.method import FocalModeWeights
 
     cs = cond_spec(spec, data)
@@ -246,7 +264,7 @@ def build_method(spec: dict[str, Any], data: PointData | LatentData, seed: int, 
                                  tuple(reg.get("focal_clip", (0.3, 3.0))), reg.get("focal_warmup", 2500))
     return Method(
         source=source,
-        coupling=build_coupling(spec, data, seed, gmm_path),
+        coupling=build_coupling(spec, data, seed, gmm_path, posteriors),
         cond_from=cond_from,
         time=TimeSampler(t["kind"], t["mean"], t["std"], t["shift"], t.get("t_max", 1.0)),
         p_uncond=spec["train"]["p_uncond"],
@@ -259,10 +277,10 @@ def build_method(spec: dict[str, Any], data: PointData | LatentData, seed: int, 
 
 def training_dataset(spec: dict[str, Any], data: PointData | LatentData) -> Any:
     """The loop's dataset: rows, the model's data condition, and (images) the CLS descriptors MM-FM's
-    mode coupling reads."""
+    mode coupling reads (none with a posterior table: the coupling reads the table by row)."""
     from sourceflow.train.loop import ArrayDataset
 
-    cls = getattr(data, "cls", None) if spec["coupling"]["kind"] == "mode" else None
+    cls = getattr(data, "cls", None) if spec["coupling"]["kind"] == "mode" and not uses_posterior_table(spec) else None
     return ArrayDataset(data.x, data.condition(spec["conditioning"]), cls)
 
 

@@ -436,6 +436,8 @@ def _measurable_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], int]:
     if kind in ("ot", "loom", "c2ot", "reflow"):
         s["coupling"] = {"kind": "independent"}
         return s, (8 if kind != "reflow" else 0)
+    if kind == "mode":  # a posterior table is host memory, like the exact posterior's CLS GMM: same device bytes
+        s["coupling"].pop("posterior_topk", None)
     return s, 0
 
 
@@ -753,14 +755,15 @@ class Job:
     seed: int | None = None
     stage: str | None = None
     local: bool = False  # runs inside the Snakemake process (localrules, rules without an action)
+    topk: int | None = None  # cls_posteriors: modes kept per row
 
     @property
     def what(self) -> str:
         if self.experiment is not None:
             return f"{self.experiment}" + (f"/seed{self.seed}" if self.seed is not None else "") + \
                 (f" ({self.stage})" if self.stage else "")
-        parts = [p for p in (self.dataset, self.encoder, f"K{self.K}" if self.K else None, self.text_encoder,
-                             self.features) if p]
+        parts = [p for p in (self.dataset, self.encoder, f"K{self.K}" if self.K else None,
+                             f"top{self.topk}" if self.topk else None, self.text_encoder, self.features) if p]
         return "/".join(parts)
 
 
@@ -784,6 +787,10 @@ def enumerate_jobs(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> 
                 jobs.append(Job("fit_cls_gmm", dataset=name, encoder=g["encoder"], K=int(k)))
                 if g.get("spatial", True):
                     jobs.append(Job("build_spatial_gmm", dataset=name, encoder=g["encoder"], K=int(k)))
+        tables = sorted({(s["encoder"], int(s["source"]["components"]), int(s["coupling"]["posterior_topk"]))
+                         for s in specs.values() if s["data"] == name and s["coupling"]["kind"] == "mode"
+                         and s["coupling"].get("posterior_topk")})
+        jobs += [Job("cls_posteriors", dataset=name, encoder=e, K=k, topk=t) for e, k, t in tables]
         if ds.get("captions") is not None:
             jobs.append(Job("align_captions", dataset=name))
             jobs += [Job("embed_captions", dataset=name, text_encoder=te) for te in ds["captions"]["text_encoders"]]
@@ -1421,6 +1428,30 @@ class Planner:
                                   "rule passes no --dtype; --dtype float32 with the bf16 screen would run on "
                                   "tensor cores)"])
 
+    def _cls_posteriors(self, job: Job) -> Entry:
+        k, top = int(job.K), int(job.topk)
+        rows = self.rows(job.dataset, job.encoder)
+        d = self.geo(job.dataset, job.encoder).cls_dim
+        gpus = int(self.ds(job.dataset)["encoders"][job.encoder].get("gpu", False))
+        batch = 4096  # the stage's --batch-rows default
+        from sourceflow.gmm.kmeans import default_chunk_rows
+
+        chunk = min(batch, default_chunk_rows(max(k, 2 * d + 1)))  # iter_posteriors' chunks
+        flops = 2.0 * rows * k * (2 * d + 1)
+        table = rows * top * 8 + rows * 8  # modes int32 + probs float32, and the float64 residual
+        work = {"GMM terms (2D+1) x K x 8 B": (2 * d + 1) * k * 8 / GB,
+                "posterior chunk (log-density, softmax, top-k) 3 x chunk x K x 8 B": 3 * chunk * k * 8 / GB}
+        host = {"process": self.io.process_gb if gpus else self.io.cpu_process_gb,
+                "CLS batch (store rows, float32)": batch * d * 4 / GB, "table N x k x 8 B + residual N x 8 B": table / GB,
+                "CLS GMM float64 (means, variances K x D x 8 B)": 2 * k * d * 8 / GB}
+        if not gpus:
+            host.update(work)
+        return self._entry(job, gpus=gpus, gpu_mem_gb=round(sum(work.values()), 3) if gpus else None,
+                           host_mem_gb=round(sum(host.values()), 3), disk_gb=_gb(rows * top * 8), flops=flops,
+                           hours=self.hours_of(flops, gpus, "fp64"), precision="fp64", bound="compute",
+                           terms=self._terms(gpu=work if gpus else {}, host=host),
+                           notes=[f"p(k | CLS) of {rows} rows x K={k} modes, 2 (2D+1) FLOPs each, float64; top-{top} kept"])
+
     def _build_spatial_gmm(self, job: Job) -> Entry:
         g = self._gmm(job)
         k = int(job.K)
@@ -1548,7 +1579,7 @@ class Planner:
         rows = self.rows(d, spec["encoder"])
         shard = int(enc.get("shard_rows", 1024))
         arrays = {"spatial latents": (rows, geo.itemsize * math.prod(geo.spatial), shard)}
-        if spec["coupling"]["kind"] == "mode":
+        if spec["coupling"]["kind"] == "mode" and not spec["coupling"].get("posterior_topk"):
             arrays["CLS descriptors"] = (rows, geo.itemsize * geo.cls_dim, shard)
         if spec["conditioning"] == "text":
             length, width = text_shape(self.config, spec)
@@ -1590,6 +1621,9 @@ class Planner:
         if spec["coupling"]["kind"] == "mode":
             k = int(spec["source"]["components"])
             per_proc["CLS GMM float64 (means, variances K x D x 8 B) + posterior terms"] = 3 * k * (2 * tp["cls_dim"] + 1) * 8 / GB
+            if spec["coupling"].get("posterior_topk"):
+                top = int(spec["coupling"]["posterior_topk"])
+                per_proc[f"posterior table rows x {top} x 8 B"] = tp["data"].num_rows * top * 8 / GB
         if spec["coupling"]["kind"] == "loom":
             caches = int(spec["coupling"].get("num_caches", 1))
             per_proc[f"LOOM seed cache rows x {caches} x 8 B"] = tp["data"].num_rows * caches * 8 / GB

@@ -66,7 +66,7 @@ def main() -> None:
     data = build.load_data(a, spec, "train")
     torch.manual_seed(a.seed)  # the initial weights depend on the seed
     model = build.build_model(spec, data)
-    method = build.build_method(spec, data, a.seed, a.gmm, a.source_gmm)
+    method = build.build_method(spec, data, a.seed, a.gmm, a.source_gmm, a.posteriors)
     if (spec.get("reflow") is None) != (a.pairs is None) or (a.pairs is None) != (a.init_from is None):
         raise ValueError("a reflow experiment needs --pairs and --init-from (and only a reflow experiment takes them)")
     if a.pairs is not None:
@@ -83,7 +83,7 @@ def main() -> None:
         print(why)
     settings = TrainSettings.from_spec(spec["train"], None if a.pairs else getattr(data, "num_images", None), accum)
     inputs = input_fingerprint([a.data, a.latents, a.stats, a.manifest, a.captions, a.gmm, a.source_gmm, a.pairs,
-                                a.init_from])
+                                a.init_from, a.posteriors])
     summary = train(model, method, ds, settings, a.seed, a.out, f"{spec_hash(spec)}-{inputs}-seed{a.seed}",
                     resume=a.resume, progress=not a.no_progress, stop_after=a.stop_after)
     if "stopped_at" in summary:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -323,16 +324,30 @@ class ModeCoupling(Coupling):
     """MM-FM: x0 ~ N(μ_k, σ_k²I) with k the mode of x1's global descriptor under the CLS GMM.
 
     ``posterior='soft'`` samples k ~ p(k | cls) every batch (MM-FM's default), ``'hard'`` takes the
-    argmax. The descriptor is ``batch.cls`` (a CLS token for images), or x1 itself for toy points.
+    argmax. The descriptor is ``batch.cls`` (a CLS token for images), or x1 itself for toy points. With a
+    ``table`` (:class:`sourceflow.gmm.posteriors.PosteriorTable`, the top-k posterior of every dataset row,
+    computed once) the modes are drawn from the rows' table entries with the same uniforms instead.
     """
 
-    def __init__(self, cls_gmm: DiagGMM, posterior: str = "soft"):
+    def __init__(self, cls_gmm: DiagGMM, posterior: str = "soft", table: Any = None, table_k: int = 0):
         if posterior not in ("soft", "hard"):
             raise ValueError(f"posterior must be 'soft' or 'hard', got {posterior!r}")
         self.gmm = cls_gmm
         self.posterior = posterior
+        self.table = table
+        self.table_k = table.k if table is not None else table_k  # > 0: pairing needs the table
 
-    def modes(self, cls: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def modes(self, cls: torch.Tensor | None, generator: torch.Generator | None,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Modes of a batch from its descriptors ``cls`` (or, with a table, from dataset ``rows``)."""
+        if self.table_k and self.table is None:
+            raise ValueError(f"coupling.posterior_topk {self.table_k}: the mode coupling needs --posteriors (the "
+                             "cls_posteriors table)")
+        if self.table is not None:
+            if rows is None:
+                raise ValueError("a posterior table needs the batch's dataset rows")
+            u = None if self.posterior == "hard" else torch.rand(len(rows), 1, generator=generator, dtype=torch.float64)
+            return self.table.draw(rows, u).to(rows.device)
         logp = self.gmm.log_prob_components(cls.detach().to(self.gmm.means.device).double())
         if self.posterior == "hard":
             return logp.argmax(1)
@@ -345,7 +360,7 @@ class ModeCoupling(Coupling):
             raise TypeError("the MM-FM mode coupling needs a GMM source")
         if source.num_modes != self.gmm.num_modes:
             raise ValueError(f"source has {source.num_modes} modes, CLS GMM {self.gmm.num_modes}")
-        k = self.modes(batch.cls if batch.cls is not None else batch.x1, generator)
+        k = self.modes(batch.cls if batch.cls is not None else batch.x1, generator, batch.idx)
         draw = source.sample(len(batch), generator, mode=k, device=batch.x1.device)
         return Pair(draw.x0, batch.x1, draw, batch.cond, draw.mode)
 

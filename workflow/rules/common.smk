@@ -27,6 +27,7 @@ wildcard_constraints:
     exp=NAME,
     seed=r"\d+",
     K=r"\d+",
+    topk=r"\d+",
     encoder=NAME,
     text_encoder=NAME,
     features="feature-net|inception|adm",
@@ -98,6 +99,9 @@ def run_data_inputs(wc):
         k = s["source"]["components"]
         inputs["gmm"] = f"{R}/{d}/{enc}/gmm/cls_K{k}.safetensors"
         inputs["source_gmm"] = f"{R}/{d}/{enc}/gmm/spatial_K{k}.safetensors"
+        topk = s["coupling"].get("posterior_topk", 0) if s["coupling"]["kind"] == "mode" else 0
+        if topk:
+            inputs["posteriors"] = f"{R}/{d}/{enc}/gmm/cls_K{k}_top{topk}_posteriors.safetensors"
     return inputs
 
 
@@ -116,6 +120,8 @@ def run_data_args(wc, input):
         args += f" --gmm {input.gmm}"
     if "source_gmm" in keys:
         args += f" --source-gmm {input.source_gmm}"
+    if "posteriors" in keys:
+        args += f" --posteriors {input.posteriors}"
     return args
 
 

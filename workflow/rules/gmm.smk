@@ -30,6 +30,31 @@ rule fit_cls_gmm:
         "--threads {threads} --out {output.gmm} > {log} 2>&1"
 
 
+rule cls_posteriors:
+    input:
+        done=f"{R}/{{dataset}}/{{encoder}}/latents.json",
+        gmm=f"{R}/{{dataset}}/{{encoder}}/gmm/cls_K{{K}}.safetensors",
+    output:
+        f"{R}/{{dataset}}/{{encoder}}/gmm/cls_K{{K}}_top{{topk}}_posteriors.safetensors",
+    params:
+        store=lambda wc: latents_store(wc.dataset, wc.encoder),
+        device=gmm_device,
+    log:
+        f"{R}/logs/{{dataset}}/{{encoder}}/cls_posteriors_K{{K}}_top{{topk}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/{{encoder}}/cls_posteriors_K{{K}}_top{{topk}}.tsv"
+    conda:
+        "../../envs/sourceflow.yaml"
+    threads: 8
+    resources:
+        gpu=gmm_gpu,
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        "python stages/cls_posteriors.py --store {params.store} --gmm {input.gmm} --top-k {wildcards.topk} "
+        "--device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+
+
 rule build_spatial_gmm:
     input:
         done=f"{R}/{{dataset}}/{{encoder}}/latents.json",
