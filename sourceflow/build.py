@@ -188,7 +188,7 @@ def build_source(spec: dict[str, Any], data: PointData | LatentData, gmm_path: s
         if gmm_path is None:
             raise ValueError("a GMM source needs its mixture file (--gmm for points; --source-gmm, the spatial GMM, "
                              "for images)")
-        src = GMMSource.load(gmm_path, variance=s.get("variance", "spherical"))
+        src = GMMSource.load(gmm_path, variance=s.get("variance", "spherical"), means_on=s.get("means_on", "device"))
         if src.event_shape != tuple(data.event_shape):
             raise ValueError(f"{gmm_path}: GMM of shape {src.event_shape} does not match the data {tuple(data.event_shape)}"
                              + (" (an image GMM source is the spatial GMM, not the CLS GMM)" if is_image_data(data) else ""))

@@ -1616,8 +1616,11 @@ class Planner:
         if spec["source"]["kind"] == "gmm" and image:
             k = int(spec["source"]["components"])
             d = math.prod(tp["data"].event_shape)
-            startup["spatial GMM means read before moving to the GPU (K x D x 4 B)" if gpus else
-                    "spatial GMM means K x D x 4 B"] = k * d * 4 / GB
+            if gpus and spec["source"].get("means_on") == "host":  # kept in pinned host memory, not on the GPUs
+                per_proc["spatial GMM means in pinned host memory (K x D x 4 B)"] = k * d * 4 / GB
+            else:
+                startup["spatial GMM means read before moving to the GPU (K x D x 4 B)" if gpus else
+                        "spatial GMM means K x D x 4 B"] = k * d * 4 / GB
         if spec["coupling"]["kind"] == "mode":
             k = int(spec["source"]["components"])
             per_proc["CLS GMM float64 (means, variances K x D x 8 B) + posterior terms"] = 3 * k * (2 * tp["cls_dim"] + 1) * 8 / GB

@@ -118,10 +118,12 @@ class GMMSource(Source):
     """
 
     def __init__(self, weights: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
-                 variance: str = "diag"):
+                 variance: str = "diag", means_on: str = "device"):
         super().__init__()
         if variance not in ("diag", "spherical"):
             raise ValueError(f"variance must be 'diag' or 'spherical', got {variance!r}")
+        if means_on not in ("device", "host"):
+            raise ValueError(f"means_on must be 'device' or 'host', got {means_on!r}")
         weights = weights.to(torch.float64)
         means = means.float()
         variances = variances.float()
@@ -135,14 +137,23 @@ class GMMSource(Source):
         self.num_uniforms = 1
         self.num_modes = int(weights.shape[0])
         self.register_buffer("weights", weights / weights.sum(), persistent=False)
-        self.register_buffer("means", means, persistent=False)
-        self.register_buffer("stds", variances.clamp_min(0).sqrt(), persistent=False)
+        stds = variances.clamp_min(0).sqrt()
+        self.means_on = means_on
+        if means_on == "host":
+            # not buffers: ``.to(device)`` leaves them in host memory (pinned on a GPU machine) and every draw
+            # copies only its batch's modes, so K x D means are not replicated on every GPU of a node
+            pin = torch.cuda.is_available()
+            self.means = means.pin_memory() if pin else means
+            self.stds = stds.pin_memory() if pin and stds[0].numel() > 1 else stds
+        else:
+            self.register_buffer("means", means, persistent=False)
+            self.register_buffer("stds", stds, persistent=False)
 
     @classmethod
-    def load(cls, path: str | Path, variance: str = "diag") -> GMMSource:
+    def load(cls, path: str | Path, variance: str = "diag", means_on: str = "device") -> GMMSource:
         """Load ``weights``, ``means``, ``variances`` from a safetensors file."""
         t = load_gmm_tensors(path)
-        return cls(t["weights"], t["means"], t["variances"], variance)
+        return cls(t["weights"], t["means"], t["variances"], variance, means_on)
 
     def sample_modes(self, u: torch.Tensor) -> torch.Tensor:
         """Inverse-CDF mode draw from uniforms [n]."""
@@ -152,8 +163,11 @@ class GMMSource(Source):
     def transform(self, z, u, cond=None, mode=None):
         if mode is None:
             mode = self.sample_modes(u[:, 0])
-        mode = mode.to(self.means.device).long()
-        return SourceDraw(self.means[mode] + self.stds[mode] * z, mode=mode)
+        mode = mode.long()
+        at = mode.to(self.means.device)
+        mean = self.means[at].to(z.device, non_blocking=True)
+        std = self.stds[at.to(self.stds.device)].to(z.device, non_blocking=True)
+        return SourceDraw(mean + std * z, mode=mode.to(z.device))
 
 
 class LearnedSource(Source):

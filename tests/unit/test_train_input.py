@@ -83,3 +83,39 @@ def test_normal_on_gpu_is_drawn_there_and_a_function_of_the_cpu_generator():
     b = normal_on((64, 768, 4, 4), torch.Generator().manual_seed(5), "cuda")
     assert a.device.type == "cuda" and torch.equal(a, b)
     assert abs(float(a.mean())) < 0.01 and abs(float(a.std()) - 1) < 0.01
+
+
+def test_gmm_means_on_host_draw_what_device_means_draw():
+    """source.means_on: host keeps the K x D means out of the module's buffers (``.to(device)`` leaves them,
+    the plan's fake step does not count them on the device) and draws the same x0 as means on the device."""
+    from sourceflow.flow.sources import GMMSource
+
+    g = torch.Generator().manual_seed(0)
+    w, mu, var = torch.rand(5, generator=g) + 0.1, torch.randn(5, 3, 4, 4, generator=g), torch.rand(5) + 0.5
+    dev, host = GMMSource(w, mu, var, "spherical"), GMMSource(w, mu, var, "spherical", means_on="host")
+    assert "means" in dict(dev.named_buffers()) and "means" not in dict(host.named_buffers())
+    a = dev.sample(64, torch.Generator().manual_seed(3))
+    b = host.sample(64, torch.Generator().manual_seed(3))
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.mode, b.mode)
+    mode = torch.tensor([4, 0, 0, 2])
+    z = torch.randn(4, 3, 4, 4, generator=g)
+    assert torch.equal(dev.transform(z, None, mode=mode).x0, host.transform(z, None, mode=mode).x0)
+    with pytest.raises(ValueError, match="means_on must be"):
+        GMMSource(w, mu, var, means_on="gpu")
+
+
+def test_plan_counts_host_means_off_the_device():
+    import copy
+
+    from sourceflow.plan import ShapeData, measure_train_step
+
+    from .test_image_methods import K
+
+    spec = image_config("mmfm", source={"kind": "gmm", "components": K}, conditioning="mode")
+    data = ShapeData((3, 32, 32), 10, None, 1000)
+    got = {}
+    for on in ("device", "host"):
+        s = copy.deepcopy(spec)
+        s["source"]["means_on"] = on
+        got[on] = measure_train_step(s, data, 8, use_cache=False)
+    assert got["device"].buffer_bytes - got["host"].buffer_bytes == K * 3 * 32 * 32 * 4
