@@ -118,4 +118,4 @@ def test_plan_counts_host_means_off_the_device():
         s = copy.deepcopy(spec)
         s["source"]["means_on"] = on
         got[on] = measure_train_step(s, data, 8, use_cache=False)
-    assert got["device"].buffer_bytes - got["host"].buffer_bytes == K * 3 * 32 * 32 * 4
+    assert got["device"].buffer_bytes - got["host"].buffer_bytes == K * 3 * 32 * 32 * 4 + K * 4  # means, spherical stds
