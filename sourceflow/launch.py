@@ -11,5 +11,7 @@ def job_shell_prefix(conda: bool, python_dir: str) -> str:
     Under ``--sdm conda`` nothing is put before the activated env: its python must come first. Stages import
     the project from the workflow folder (each stage puts its parent on sys.path), so the env needs only
     the dependencies."""
+    import shlex
+
     prefix = "set -euo pipefail; "
-    return prefix if conda else prefix + f"export PATH={python_dir}:$PATH; "
+    return prefix if conda else prefix + f"export PATH={shlex.quote(python_dir)}:\"$PATH\"; "

@@ -22,7 +22,8 @@ def _name(req: str) -> str:
 def test_conda_jobs_do_not_put_the_snakemake_interpreter_first():
     assert job_shell_prefix(True, "/venv/bin") == "set -euo pipefail; "
     plain = job_shell_prefix(False, "/venv/bin")
-    assert plain.startswith("set -euo pipefail; ") and "export PATH=/venv/bin:$PATH" in plain
+    assert plain.startswith("set -euo pipefail; ") and 'export PATH=/venv/bin:"$PATH"' in plain
+    assert "export PATH='/my venv/bin':" in job_shell_prefix(False, "/my venv/bin")
     common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
     # the prefix follows the deployment method Snakemake was started with
     assert "DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method" in common

@@ -1,7 +1,9 @@
 """Issue 10, item 7: every artifact that is a pure function of its inputs and seed is byte-identical
 across runs on the same machine. One toy and one digits experiment run twice, in two scratch folders (so
 an absolute path written into an artifact shows too); every file under results/ except the logs and the
-benchmarks (where timings and host facts belong) must be the same bytes, the report's PNGs included."""
+benchmarks (where timings and host facts belong) must be the same bytes, the report's PNGs included.
+The results folder has a space and a quote in its name and the second scratch folder a space: every path
+reaches the stages' command lines quoted (issue 10, item 4)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ pytestmark = pytest.mark.slow
 # The smallest settings that still reach every stage of the two kinds: toy data, a points GMM, MM-FM
 # training, sampling, evaluation; digits through the pixel encoder, CLS + spatial GMMs, latent statistics,
 # the feature network and its reference statistics, a tiny DiT; and the report.
+RESULTS = "out dir/it's"
 CONFIG = """
-results: results
+results: "RESULTS"
 seeds: [0]
 datasets:
   moons: {kind: toy, distribution: moons, n_train: 256, n_test: 200, seed: 0}
@@ -60,13 +63,13 @@ report:
   scatter_points: 200
   grid_steps: [2]
   grid_images: 16
-"""
+""".replace("RESULTS", RESULTS)
 
 def test_two_runs_write_byte_identical_artifacts(tmp_path):
-    runs = [scratch_repo(tmp_path / name, CONFIG) for name in ("a", "b")]
+    runs = [scratch_repo(tmp_path / name, CONFIG) for name in ("a", "b c")]
     for repo in runs:
         snakemake(repo)
-    ra, rb = (repo / "results" for repo in runs)
+    ra, rb = (repo / RESULTS for repo in runs)
     fa, fb = artifacts(ra), artifacts(rb)
     assert fa == fb, f"only in the first run: {sorted(fa - fb)}; only in the second: {sorted(fb - fa)}"
     assert {"report/metrics.csv", "report/summary.md", "report/training_curves.png",

@@ -11,6 +11,7 @@ rule align_captions:
     params:
         captions=caption_file,
         cap=lambda wc: {k: v for k, v in caption_spec(wc).items() if k != "text_encoders"},
+        prefix=lambda wc: shq(caption_spec(wc)["strip_prefix"]),  # '' when empty (Snakemake's :q gives nothing)
     log:
         f"{R}/logs/{{dataset}}/align_captions.log",
     benchmark:
@@ -22,10 +23,10 @@ rule align_captions:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python stages/align_captions.py --manifest {input.manifest} --captions {params.captions} "
+        "python stages/align_captions.py --manifest {input.manifest:q} --captions {params.captions:q} "
         "--path-field {params.cap[path_field]} --caption-field {params.cap[caption_field]} "
-        "--prefix '{params.cap[strip_prefix]}' --split train --min-match-fraction {params.cap[min_match_fraction]} "
-        "--out {output.aligned} > {log} 2>&1"
+        "--prefix {params.prefix} --split train --min-match-fraction {params.cap[min_match_fraction]} "
+        "--out {output.aligned:q} > {log:q} 2>&1"
 
 
 rule embed_captions:
@@ -36,9 +37,9 @@ rule embed_captions:
         directory(f"{R}/{{dataset}}/captions/{{text_encoder}}.zarr"),
     params:
         te=text_encoder_spec,
-        weights=lambda wc: f"--text-weights {text_encoder_spec(wc)['weights']}" if text_encoder_spec(wc)["weights"] else "",
+        weights=lambda wc: f"--text-weights {shq(text_encoder_spec(wc)['weights'])}" if text_encoder_spec(wc)["weights"] else "",
         device=lambda wc, resources: "cuda" if resources.gpu else "cpu",
-        store=lambda wc: f"--dtype {text_encoder_spec(wc)['dtype']}" + (" --trim" if text_encoder_spec(wc)["trim"] else ""),
+        layout=lambda wc: f"--dtype {text_encoder_spec(wc)['dtype']}" + (" --trim" if text_encoder_spec(wc)["trim"] else ""),
     log:
         f"{R}/logs/{{dataset}}/embed_captions_{{text_encoder}}.log",
     benchmark:
@@ -51,6 +52,6 @@ rule embed_captions:
         mem_mb=8000,
         runtime=120,
     shell:
-        "python stages/embed_captions.py --aligned {input.aligned} --manifest {input.manifest} --split train "
+        "python stages/embed_captions.py --aligned {input.aligned:q} --manifest {input.manifest:q} --split train "
         "--text-encoder {params.te[kind]} {params.weights} --max-length {params.te[max_length]} "
-        "--batch-size {params.te[batch_size]} {params.store} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        "--batch-size {params.te[batch_size]} {params.layout} --device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"

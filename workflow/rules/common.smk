@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import sys
+from shlex import quote as shq  # paths in shell arguments: results or data folders with spaces or quotes
 
 from snakemake.exceptions import WorkflowError
 
@@ -109,19 +110,19 @@ def run_data_args(wc, input):
     """The data flags of train / sample for ``run_data_inputs``."""
     keys = input.keys()
     if "data" in keys:
-        args = f"--data {input.data}"
+        args = f"--data {shq(input.data)}"
     else:
         s = SPECS[wc.exp]
-        args = (f"--latents {latents_store(s['data'], s['encoder'])} --stats {input.stats} "
-                f"--manifest {input.manifest}")
+        args = (f"--latents {shq(latents_store(s['data'], s['encoder']))} --stats {shq(input.stats)} "
+                f"--manifest {shq(input.manifest)}")
         if "captions" in keys:
-            args += f" --captions {input.captions}"
+            args += f" --captions {shq(input.captions)}"
     if "gmm" in keys:
-        args += f" --gmm {input.gmm}"
+        args += f" --gmm {shq(input.gmm)}"
     if "source_gmm" in keys:
-        args += f" --source-gmm {input.source_gmm}"
+        args += f" --source-gmm {shq(input.source_gmm)}"
     if "posteriors" in keys:
-        args += f" --posteriors {input.posteriors}"
+        args += f" --posteriors {shq(input.posteriors)}"
     return args
 
 
@@ -146,7 +147,7 @@ def reflow_train_inputs(wc):
 
 def reflow_train_args(wc, input):
     keys = input.keys()
-    return f"--pairs {input.pairs} --init-from {input.init_from}" if "pairs" in keys else ""
+    return f"--pairs {shq(input.pairs)} --init-from {shq(input.init_from)}" if "pairs" in keys else ""
 
 
 def reflow_pairs_inputs(wc):
@@ -172,7 +173,7 @@ def sample_inputs(wc):
 
 def guide_args(wc, input):
     keys = input.keys()
-    return f"--guide-model {input.guide_model} --guide-spec {input.guide_spec}" if "guide_model" in keys else ""
+    return f"--guide-model {shq(input.guide_model)} --guide-spec {shq(input.guide_spec)}" if "guide_model" in keys else ""
 
 
 def evaluate_inputs(wc):
@@ -195,16 +196,16 @@ def evaluate_inputs(wc):
 def evaluate_args(wc, input):
     keys = input.keys()
     if "data" in keys:
-        return f"--data {input.data}"
-    args = f"--reference {input.reference}"
+        return f"--data {shq(input.data)}"
+    args = f"--reference {shq(input.reference)}"
     if "feature_net" in keys:
-        args += f" --feature-net {input.feature_net}"
+        args += f" --feature-net {shq(input.feature_net)}"
     if SPECS[wc.exp]["evaluate"]["features"] in ("inception", "adm"):
         ref = config["datasets"][SPECS[wc.exp]["data"]].get("reference", {})
         if not ref.get("inception_path"):
             raise WorkflowError(f"config: datasets.{SPECS[wc.exp]['data']}.reference.inception_path: needed for FID "
                                 f"of experiment {wc.exp}")
-        args += f" --inception {ref['inception_path']}"
+        args += f" --inception {shq(ref['inception_path'])}"
     return args
 
 
@@ -399,9 +400,9 @@ def prepare_data_args(wc):
     on a machine without the data; the stage stops with the missing path)."""
     ds = dataset(wc)
     if ds["kind"] == "digits":
-        return f"--source digits --root {R}/{wc.dataset}/images --captions {R}/{wc.dataset}/captions.jsonl"
-    args = f"--source imagefolder --root {ds['root']}"
-    return args + (f" --test-root {ds['test_root']}" if ds["test_root"] else "")
+        return f"--source digits --root {shq(f'{R}/{wc.dataset}/images')} --captions {shq(f'{R}/{wc.dataset}/captions.jsonl')}"
+    args = f"--source imagefolder --root {shq(ds['root'])}"
+    return args + (f" --test-root {shq(ds['test_root'])}" if ds["test_root"] else "")
 
 # ---- latents rules -----------------------------------------------------------------------------------
 
@@ -421,7 +422,7 @@ def encoder_args(wc):
     if e["dtype"] != "float32":  # only when set, so stores made before the key existed are not rerun
         args += f" --dtype {e['dtype']}"
     if e["weights"]:
-        args += f" --weights {e['weights']}"
+        args += f" --weights {shq(e['weights'])}"
     if e["pool"]:
         args += f" --pool {e['pool']}"
     return args
@@ -436,7 +437,7 @@ def cls_gmm_input(wc):
 
 def cls_gmm_args(wc, input):
     g = gmm_spec(wc)
-    src = f"--data {input.data}" if "data" in input.keys() else f"--store {latents_store(wc.dataset, wc.encoder)}"
+    src = f"--data {shq(input.data)}" if "data" in input.keys() else f"--store {shq(latents_store(wc.dataset, wc.encoder))}"
     return (f"{src} --backend {g['backend']} --max-iter {g['max_iter']} --tol {g['tol']} "
             f"--reg-covar {g['reg_covar']} --chunk-rows {g['chunk_rows']} --init {g.get('init', 'k-means++')}")
 
@@ -491,15 +492,15 @@ def reference_input(wc):
 def reference_args(wc, input):
     ref = reference_spec(wc)
     if wc.features == "adm":
-        return f"--adm-npz {ref['adm_npz']}"
+        return f"--adm-npz {shq(ref['adm_npz'])}"
     res = dataset(wc)["resolution"]
-    args = f"--manifest {input.manifest} --split {ref['split']} --resolution {res} --batch-size {ref['batch_size']} "
+    args = f"--manifest {shq(input.manifest)} --split {ref['split']} --resolution {res} --batch-size {ref['batch_size']} "
     ds = dataset(wc)
     if ref["split"] == "train" and (ds.get("test_root") or ds.get("test_fraction", 0) > 0):
         args += "--holdout-split test "
     if wc.features == "feature-net":
-        return args + f"--features feature-net --feature-net {input.net}"
-    return args + f"--features inception --inception {ref['inception_path']}"
+        return args + f"--features feature-net --feature-net {shq(input.net)}"
+    return args + f"--features inception --inception {shq(ref['inception_path'])}"
 
 
 def latent_stats_subset(wc):

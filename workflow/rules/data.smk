@@ -19,7 +19,7 @@ rule make_toy_data:
         runtime=10,
     shell:
         "python stages/make_toy_data.py --distribution {params.ds[distribution]} --n-train {params.ds[n_train]} "
-        "--n-test {params.ds[n_test]} --seed {params.ds[seed]} --out {output.data} --plot {output.plot} > {log} 2>&1"
+        "--n-test {params.ds[n_test]} --seed {params.ds[seed]} --out {output.data:q} --plot {output.plot:q} > {log:q} 2>&1"
 
 
 rule prepare_data:
@@ -45,4 +45,4 @@ rule prepare_data:
     shell:
         "python stages/prepare_data.py {params.args} --resolution {params.ds[resolution]} "
         "--test-fraction {params.ds[test_fraction]} --on-bad-image {params.ds[on_bad_image]} "
-        "--workers {threads} --seed {params.ds[seed]} --out {output.manifest} > {log} 2>&1"
+        "--workers {threads} --seed {params.ds[seed]} --out {output.manifest:q} > {log:q} 2>&1"

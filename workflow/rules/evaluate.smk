@@ -23,5 +23,5 @@ rule evaluate:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python stages/evaluate.py --spec {input.spec} {params.data} --samples {params.samples} "
-        "--train-summary {input.summary} --out {params.out} --seed {wildcards.seed} --threads {threads} > {log} 2>&1"
+        "python stages/evaluate.py --spec {input.spec:q} {params.data} --samples {params.samples:q} "
+        "--train-summary {input.summary:q} --out {params.out:q} --seed {wildcards.seed} --threads {threads} > {log:q} 2>&1"

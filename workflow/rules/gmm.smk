@@ -27,7 +27,7 @@ rule fit_cls_gmm:
         runtime=240,
     shell:
         "python stages/fit_cls_gmm.py {params.args} --components {wildcards.K} --device {params.device} "
-        "--threads {threads} --out {output.gmm} > {log} 2>&1"
+        "--threads {threads} --out {output.gmm:q} > {log:q} 2>&1"
 
 
 rule cls_posteriors:
@@ -51,8 +51,8 @@ rule cls_posteriors:
         mem_mb=8000,
         runtime=120,
     shell:
-        "python stages/cls_posteriors.py --store {params.store} --gmm {input.gmm} --top-k {wildcards.topk} "
-        "--device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        "python stages/cls_posteriors.py --store {params.store:q} --gmm {input.gmm:q} --top-k {wildcards.topk} "
+        "--device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule build_spatial_gmm:
@@ -80,6 +80,6 @@ rule build_spatial_gmm:
         mem_mb=lambda wc: build_spatial_gmm_mem_mb(gmm_spec(wc)["memory_budget_mb"]),  # the plan's formula
         runtime=480,
     shell:
-        "python stages/build_spatial_gmm.py --store {params.store} --stats {input.stats} --cls-gmm {input.gmm} "
-        "--labels {input.labels} --variance {params.variance} --memory-budget-mb {params.budget} "
-        "--threads {threads} --out {output.gmm} > {log} 2>&1"
+        "python stages/build_spatial_gmm.py --store {params.store:q} --stats {input.stats:q} --cls-gmm {input.gmm:q} "
+        "--labels {input.labels:q} --variance {params.variance} --memory-budget-mb {params.budget} "
+        "--threads {threads} --out {output.gmm:q} > {log:q} 2>&1"

@@ -26,10 +26,10 @@ rule extract_latents:
         mem_mb=8000,
         runtime=240,
     shell:
-        "{params.launch} stages/extract_latents.py --manifest {input.manifest} --split train {params.args} "
+        "{params.launch} stages/extract_latents.py --manifest {input.manifest:q} --split train {params.args} "
         # --overwrite: a store left by other settings (Snakemake reran because they changed) starts over;
         # with the same settings the stage resumes where a killed run stopped.
-        "--device {params.device} --overwrite --out {params.store} > {log} 2>&1"
+        "--device {params.device} --overwrite --out {params.store:q} > {log:q} 2>&1"
 
 
 rule latent_stats:
@@ -57,5 +57,5 @@ rule latent_stats:
         mem_mb=latent_stats_mem_mb,
         runtime=120,
     shell:
-        "python stages/latent_stats.py --store {params.store} --normalize {params.normalize} --eps {params.eps} "
-        "{params.subset}--batch-rows {params.batch_rows} --threads {threads} --out {output} > {log} 2>&1"
+        "python stages/latent_stats.py --store {params.store:q} --normalize {params.normalize} --eps {params.eps} "
+        "{params.subset}--batch-rows {params.batch_rows} --threads {threads} --out {output:q} > {log:q} 2>&1"

@@ -19,7 +19,7 @@ rule reference_stats:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python stages/reference_stats.py --data {input.data} --num-points {params.n} --out {output} > {log} 2>&1"
+        "python stages/reference_stats.py --data {input.data:q} --num-points {params.n} --out {output:q} > {log:q} 2>&1"
 
 
 rule train_feature_net:
@@ -44,9 +44,9 @@ rule train_feature_net:
         mem_mb=2000,
         runtime=30,
     shell:
-        "python stages/train_feature_net.py --manifest {input.manifest} --resolution {params.res} "
+        "python stages/train_feature_net.py --manifest {input.manifest:q} --resolution {params.res} "
         "--epochs {params.fn[epochs]} --batch-size {params.fn[batch_size]} --lr {params.fn[lr]} "
-        "--seed {params.seed} --threads {threads} --out {output.net} > {log} 2>&1"
+        "--seed {params.seed} --threads {threads} --out {output.net:q} > {log:q} 2>&1"
 
 
 rule reference_features:
@@ -69,4 +69,4 @@ rule reference_features:
         mem_mb=8000,
         runtime=120,
     shell:
-        "python stages/reference_stats.py {params.args} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        "python stages/reference_stats.py {params.args} --device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"

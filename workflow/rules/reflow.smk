@@ -22,5 +22,5 @@ rule reflow_pairs:
         mem_mb=2000,
         runtime=30,
     shell:
-        "python stages/reflow_pairs.py --spec {input.spec} --base-spec {input.base_spec} --model {input.model} "
-        "{params.data} --out {output.pairs} --seed {wildcards.seed} --threads {params.threads} > {log} 2>&1"
+        "python stages/reflow_pairs.py --spec {input.spec:q} --base-spec {input.base_spec:q} --model {input.model:q} "
+        "{params.data} --out {output.pairs:q} --seed {wildcards.seed} --threads {params.threads} > {log:q} 2>&1"

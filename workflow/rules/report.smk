@@ -18,10 +18,10 @@ rule report:
         grids=[report_file(f"samples_{d}.png", "samples.rst", "Samples") for d in run_datasets(False) + run_datasets(True)],
     params:
         runs=[run_dir(d, e, s) for d, e, s in runs()],
-        data=" ".join(f"{d}={R}/{d}/toy.safetensors" for d in run_datasets(False)),
-        reference=" ".join(f"{d}={R}/{d}/reference/points_w2.json" for d in run_datasets(False)),
-        images=" ".join(f"{d}={R}/{d}/manifest.parquet" for d in run_datasets(True)),
-        fd_reference=" ".join(f"{d}={fd_reference(d)}" for d in run_datasets(True)),
+        data=" ".join(shq(f"{d}={R}/{d}/toy.safetensors") for d in run_datasets(False)),
+        reference=" ".join(shq(f"{d}={R}/{d}/reference/points_w2.json") for d in run_datasets(False)),
+        images=" ".join(shq(f"{d}={R}/{d}/manifest.parquet") for d in run_datasets(True)),
+        fd_reference=" ".join(shq(f"{d}={fd_reference(d)}") for d in run_datasets(True)),
         steps=" ".join(str(s) for s in config["report"]["scatter_steps"]),
         points=config["report"]["scatter_points"],
         grid_steps=" ".join(str(s) for s in config["report"]["grid_steps"]),
@@ -38,7 +38,7 @@ rule report:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python stages/report.py --runs {params.runs} --data {params.data} --reference {params.reference} "
+        "python stages/report.py --runs {params.runs:q} --data {params.data} --reference {params.reference} "
         "--images {params.images} --fd-reference {params.fd_reference} "
         "--scatter-steps {params.steps} --scatter-points {params.points} "
-        "--grid-steps {params.grid_steps} --grid-images {params.grid_images} --out {params.out} > {log} 2>&1"
+        "--grid-steps {params.grid_steps} --grid-images {params.grid_images} --out {params.out:q} > {log:q} 2>&1"

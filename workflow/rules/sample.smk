@@ -27,5 +27,5 @@ rule sample:
         runtime=30,
         nodes=1,  # torchrun --standalone over the job's GPUs: one task on one node
     shell:
-        "{params.launch} stages/sample.py --spec {input.spec} {params.data} --model {input.model} {params.guide} "
-        "--out {params.out} --seed {wildcards.seed} --threads {params.threads} > {log} 2>&1"
+        "{params.launch} stages/sample.py --spec {input.spec:q} {params.data} --model {input.model:q} {params.guide} "
+        "--out {params.out:q} --seed {wildcards.seed} --threads {params.threads} > {log:q} 2>&1"

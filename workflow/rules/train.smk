@@ -29,5 +29,5 @@ rule train:
         mem_mb=4000,
         runtime=120,
     shell:
-        "{params.launch} stages/train.py --spec {input.spec} {params.data} {params.reflow} "
-        "--out {params.out} --seed {wildcards.seed} --threads {params.threads} > {log} 2>&1"
+        "{params.launch} stages/train.py --spec {input.spec:q} {params.data} {params.reflow} "
+        "--out {params.out:q} --seed {wildcards.seed} --threads {params.threads} > {log:q} 2>&1"
