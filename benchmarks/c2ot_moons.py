@@ -53,7 +53,10 @@ def snakemake(results: str, cores: int, targets: list[str], log, first: list[str
     """One snakemake invocation; ``first``: targets scheduled before the others (--prioritize)."""
     cmd = [sys.executable, "-m", "snakemake", *targets, *(["--prioritize", *first] if first else []),
            "--configfile", str(CONFIG.relative_to(ROOT)),
-           "--config", f"results={results}", "--cores", str(cores), "--keep-going"]
+           "--config", f"results={results}", "--cores", str(cores), "--keep-going",
+           # hours of finished runs survive edits of a rule's command text (e.g. quoting); a changed input,
+           # parameter or environment still reruns
+           "--rerun-triggers", "mtime", "input", "params", "software-env"]
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT).returncode
     return time.time() - t0, rc
