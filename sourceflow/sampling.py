@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,3 +184,30 @@ def write_sample_store(path: Path, identity: dict, arrays: dict[str, tuple], sha
             raise RuntimeError(f"{path}: sample store incomplete after every process finished: {problems[0]}")
         writer.mark_complete()
     return "complete"
+
+
+RESAMPLE = "delete it and rerun the sample stage"
+
+
+def open_sample_store(path: str | Path) -> dict[str, Any]:
+    """The arrays of a complete sample store (``samples.zarr``), each a :class:`GuardedArray`: damaged metadata,
+    a missing chunk file or a chunk that fails to decode becomes one error naming the store; an incomplete
+    store is refused (Zarr would read its unwritten shards as zeros)."""
+    import zarr
+
+    from sourceflow.io import reading
+    from sourceflow.store.sharded import GuardedArray, check_chunk_files
+
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise FileNotFoundError(f"sample store not found: {path} (run the sample stage)")
+    with reading(path / "zarr.json", "Zarr group metadata (sample store)", RESAMPLE):
+        g = zarr.open_group(str(path), mode="r")
+        if not g.attrs.get("complete", False):
+            raise ValueError(f"{path} is incomplete (re-run the sample stage)")
+    arrays = {}
+    for name, _ in sorted(g.arrays()):
+        with reading(path / name / "zarr.json", "Zarr array metadata (sample store)", RESAMPLE):
+            arrays[name] = GuardedArray(g[name], path / name, "Zarr array of the sample store (a chunk file)", RESAMPLE)
+    check_chunk_files(path, g, "the sample store", RESAMPLE)
+    return arrays

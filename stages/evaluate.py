@@ -61,7 +61,6 @@ def record_identity(spec: dict) -> dict:
 def image_mode(a) -> None:
     import numpy as np
     import torch
-    import zarr
 
     from sourceflow.config import load_spec
     from sourceflow.io import read_json, write_json
@@ -69,6 +68,7 @@ def image_mode(a) -> None:
     from sourceflow.metrics.frechet import FeatureStats, frechet_distance, read_reference_npz
     from sourceflow.metrics.paths import normalized_path_energy
     from sourceflow.metrics.prdc import class_coverage, label_histogram, prdc
+    from sourceflow.sampling import open_sample_store
 
     spec = load_spec(a.spec)
     ev = spec["evaluate"]
@@ -99,9 +99,7 @@ def image_mode(a) -> None:
     for tag in sorted(read_json(Path(a.samples) / "index.json")):
         d = Path(a.samples) / tag
         info = read_json(d / "info.json")
-        z = zarr.open_group(str(d / "samples.zarr"), mode="r")
-        if not z.attrs.get("complete", False):
-            raise ValueError(f"{d}/samples.zarr is incomplete (re-run the sample stage)")
+        z = open_sample_store(d / "samples.zarr")
         mt = {"path_energy": normalized_path_energy(np.asarray(z["energy"][:]), np.asarray(z["displacement"][:])),
               "nfe": info["nfe"], "coupling_cost": summary["coupling_cost"], "num_samples": info["num_samples"]}
         if info["num_samples"] >= ev["min_samples"]:
@@ -155,7 +153,7 @@ def main() -> None:
 
     from sourceflow.build import load_points
     from sourceflow.config import load_spec
-    from sourceflow.io import read_json, write_json
+    from sourceflow.io import read_json, reading, write_json
     from sourceflow.metrics.paths import normalized_path_energy
     from sourceflow.metrics.wasserstein import condition_groups, w2_squared
 
@@ -172,7 +170,8 @@ def main() -> None:
     records, tasks = {}, {}
     for tag in tags:
         info = read_json(Path(a.samples) / tag / "info.json")
-        with np.load(Path(a.samples) / tag / "samples.npz") as z:
+        npz = Path(a.samples) / tag / "samples.npz"
+        with reading(npz, "sample file", "delete it and rerun the sample stage"), np.load(npz) as z:
             s = {k: z[k] for k in z.files}
         if not np.isfinite(s["x"]).all():
             raise ValueError(f"{a.samples}/{tag}: samples contain NaN or inf")

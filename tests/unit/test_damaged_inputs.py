@@ -37,6 +37,10 @@ Messages (paths shortened to their last parts; the stage in brackets):
 - caption store chunk missing / zarr.json truncated (read by train through ``load_latent_data``; checked
   through ``cli.run`` on that reader): ``minilm.zarr: the caption store is marked complete but ...``
 
+- sample store shard missing / truncated / zarr.json truncated (read by evaluate through
+  ``open_sample_store``): ``samples.zarr: the sample store is marked complete but 1 chunk file(s) are missing
+  ...; delete it and rerun the sample stage``
+
 Not covered: bytes overwritten inside a safetensors tensor payload or an uncompressed Zarr chunk hold no
 checksum and read back as other numbers (no reader can tell); those cases overwrite a header instead.
 """
@@ -317,7 +321,44 @@ def _trunc_caption_meta(p: Path) -> Path:
     return p / "mask" / "zarr.json"
 
 
+def case_sample_store(damage: Callable[[Path], Path]) -> Callable:
+    """The image sample store as evaluate reads it (``sourceflow.sampling.open_sample_store``), through ``cli.run``."""
+    def run(tmp: Path, toy, monkeypatch, capsys):
+        from sourceflow.sampling import open_sample_store
+        from sourceflow.store.sharded import ShardedWriter, create_sharded_group
+
+        p = tmp / "euler-2" / "samples.zarr"
+        create_sharded_group(p, {"images": ((12, 4, 4, 3), "uint8"), "energy": ((12,), "float32")}, 4, {})
+        w = ShardedWriter(p, ["images", "energy"])
+        for sh in range(w.num_shards):
+            w.write_shard(sh, {"images": np.full((4, 4, 4, 3), sh, np.uint8), "energy": np.ones(4, np.float32)})
+        w.mark_complete()
+        named = damage(p)
+        code = 0
+        try:
+            cli.run(lambda: np.asarray(open_sample_store(p)["images"][:]))
+        except SystemExit as e:
+            code = int(e.code or 0)
+        return code, capsys.readouterr().err, named, []
+    return run
+
+
+def _rm_sample_shard(p: Path) -> Path:
+    first_chunk(p / "images", 1).unlink()
+    return p
+
+
+def _trunc_sample_shard(p: Path) -> Path:
+    f = first_chunk(p / "images", 0)
+    truncate(f)
+    return p / "images"
+
+
 CASES: dict[str, tuple[str, Callable]] = {
+    "sample-store-shard-missing": ("evaluate's sample reader", case_sample_store(_rm_sample_shard)),
+    "sample-store-shard-truncated": ("evaluate's sample reader", case_sample_store(_trunc_sample_shard)),
+    "sample-store-zarr.json-truncated": ("evaluate's sample reader",
+                                         case_sample_store(lambda p: truncate(p / "zarr.json") or p / "zarr.json")),
     "store-chunk-missing": ("latent_stats", case_store(_rm_chunk)),
     "store-chunk-truncated": ("latent_stats", case_store(_trunc_chunk)),
     "store-array-zarr.json-truncated": ("latent_stats", case_store(_trunc_array_meta)),
