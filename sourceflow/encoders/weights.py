@@ -7,15 +7,17 @@ its cache is reachable).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
 def looks_local(weights: str) -> bool:
-    """True for things that can only be a filesystem path (hub ids are ``name`` or ``org/name``)."""
+    """True for things that can only be a filesystem path (hub ids are ``name`` or ``org/name`` of letters,
+    digits, ``-``, ``_`` and ``.``: a space or a quote makes it a path)."""
     return (weights.startswith(("/", ".", "~")) or "\\" in weights or weights.count("/") > 1
-            or Path(weights).exists())
+            or re.search(r"[^A-Za-z0-9._/-]", weights) is not None or Path(weights).exists())
 
 
 def load_pretrained(loader: Callable[..., Any], weights: str | None, default: str, what: str, **kwargs) -> Any:

@@ -34,3 +34,12 @@ def test_hub_ids_are_checked_in_the_local_cache_and_the_default_has_no_external_
     assert len(clip) == 1 and "openai/clip-vit-large-patch14" in clip[0] and "cache" in clip[0]
     default = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     assert external_inputs(default) == [] and missing_external_inputs(default) == []
+
+
+def test_weights_with_spaces_or_quotes_are_paths_not_hub_ids():
+    """A value the hub could never accept as an id is a (missing) folder, reported as such; before, the hub's
+    id validation raised out of the preflight with a traceback."""
+    from sourceflow.encoders.weights import looks_local
+
+    assert looks_local('my models/tiny "dino"') and looks_local("it's") and looks_local("a b")
+    assert not looks_local("facebook/dinov2-with-registers-base") and not looks_local("gpt2")
