@@ -249,13 +249,26 @@ def test_choose_grad_accum_picks_the_smallest_power_of_two_that_fits():
 
 @pytest.fixture(scope="module")
 def full_plans(tmp_path_factory):
-    out = {}
+    """Both configs planned at once, one process each (a plan is one single-threaded Python process: the
+    fake steps compute nothing, so two use two cores)."""
+    runs = {}
     for name in ("imagenet256-mmfm.yaml", "imagenet256-csfm.yaml"):
         path = tmp_path_factory.mktemp("plan") / "p.json"
-        res = subprocess.run([sys.executable, "stages/plan.py", "--configfile", f"config/{name}", "--json", str(path),
-                              "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=7200)
-        assert res.returncode == 0, res.stderr[-3000:]
-        out[name] = (json.loads(path.read_text()), res.stdout)
+        proc = subprocess.Popen([sys.executable, "stages/plan.py", "--configfile", f"config/{name}", "--json",
+                                 str(path), "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        runs[name] = (proc, path)
+    out = {}
+    try:
+        for name, (proc, path) in runs.items():
+            stdout, stderr = proc.communicate(timeout=7200)
+            assert proc.returncode == 0, stderr[-3000:]
+            out[name] = (json.loads(path.read_text()), stdout)
+    finally:
+        for proc, _ in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return out
 
 
