@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # test_jobs_match_snakemake_dry_run checks these against snakemake itself.
 DRY_RUN = {
     "imagenet256-mmfm.yaml": {"experiment_spec": 11, "prepare_data": 1, "reference_features": 1, "extract_latents": 1,
-                              "fit_cls_gmm": 1, "latent_stats": 1, "build_spatial_gmm": 1, "train": 3, "sample": 4,
+                              "fit_cls_gmm": 1, "cls_posteriors": 1, "latent_stats": 1, "build_spatial_gmm": 1, "train": 3, "sample": 4,
                               "evaluate": 4, "report": 1, "all": 1},
     "imagenet256-csfm.yaml": {"experiment_spec": 14, "prepare_data": 1, "reference_features": 1, "align_captions": 1,
                               "extract_latents": 1, "embed_captions": 1, "latent_stats": 1, "train": 4, "sample": 5,

@@ -140,7 +140,7 @@ def test_allow_list_is_narrow():
     cfg["experiments"][2]["overrides"]["sample"] = {"solvers": [{"solver": "heun", "steps": [2]}]}
     assert R.disallowed(f, cfg) == [
         "datasets.imagenet256.defaults.time.shift: 6.928203230275509 -> 1.0",
-        "experiments.0.coupling: {'kind': 'mode', 'posterior': 'soft'} -> 'independent'",
+        "experiments.0.coupling: {'kind': 'mode', 'posterior': 'soft', 'posterior_topk': 16} -> 'independent'",
         "experiments.2.overrides.sample.solvers: (absent) -> [{'solver': 'heun', 'steps': [2]}]",
     ]
 
