@@ -70,7 +70,7 @@ ALLOW: dict[str, tuple[str, ...]] = {
                "experiments.*.reflow.num_pairs", "report.grid_images",
                *_settings("sample.num_samples", "sample.solvers.*.num_samples", "evaluate.num_points",
                           "evaluate.min_samples")),
-    "K": ("datasets.*.gmm.*.components", "experiments.*.source.components"),
+    "K": ("datasets.*.gmm.*.components", "experiments.*.source.components", "experiments.*.coupling.posterior_topk"),
     "model sizes": (*_settings("model.size", "model.width", "model.depth", "model.block_out_channels",
                                "model.head_depth", "model.head_width"),
                     "experiments.*.source.width", "experiments.*.source.depth", "experiments.*.source.heads"),
@@ -301,6 +301,9 @@ def rehearsal_config(full: dict, standins: str | Path, scale: Scale = Scale()) -
         src = exp.get("source", {})
         if "components" in src:
             src["components"] = min(src["components"], scale.components)
+        cpl = exp.get("coupling", {})
+        if cpl.get("posterior_topk"):  # a posterior table keeps at most every mode
+            cpl["posterior_topk"] = min(cpl["posterior_topk"], scale.components // 2)
         if src.get("kind") == "learned" and image_data:  # the CSFM Perceiver: one layer, 2 heads, narrow
             for key, small in (("width", max(16, src.get("width", 128) // 24)), ("depth", 1), ("heads", 2)):
                 if key in src:

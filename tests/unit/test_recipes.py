@@ -32,7 +32,8 @@ def test_mmfm_recipe():
     enc = ds["encoders"]["rae"]
     assert enc["normalize"] == "std" and enc["normalize_eps"] == 1e-5  # RAE: z / sqrt(var + 1e-5), no mean
     m = specs["mmfm"]
-    assert m["conditioning"] == "mode" and m["coupling"] == {"kind": "mode", "posterior": "soft"}
+    # MM-FM re-draws the mode from the CLS posterior every batch (here from the top-16 table of cls_posteriors)
+    assert m["conditioning"] == "mode" and m["coupling"] == {"kind": "mode", "posterior": "soft", "posterior_topk": 16}
     assert m["source"] == {"kind": "gmm", "components": 8192, "variance": "spherical"}
     assert m["regularizers"] == {"focal_gamma": 2.0, "focal_ema": 0.9995, "focal_clip": [0.3, 3.0], "focal_warmup": 2500}
     t = TrainSettings.from_spec(m["train"], IMAGENET_IMAGES)
