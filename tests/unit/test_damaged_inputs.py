@@ -286,6 +286,16 @@ def case_captions(kind: str) -> Callable:
     return run
 
 
+def through_cli(read: Callable[[], object], capsys) -> tuple[int, str]:
+    """A reader run as a stage runs it (``cli.run``): (exit code, stderr)."""
+    code = 0
+    try:
+        cli.run(read)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
 def case_caption_store(damage: Callable[[Path], Path]) -> Callable:
     """The caption store as train reads it (``load_latent_data`` → ``_caption_rows``), through ``cli.run``."""
     def run(tmp: Path, toy, monkeypatch, capsys):
@@ -302,12 +312,7 @@ def case_caption_store(damage: Callable[[Path], Path]) -> Callable:
         g.create_array("index", data=np.arange(n), chunks=(4,))
         g.attrs.update({"complete": True, "manifest_hash": "h"})
         named = damage(p)
-        code = 0
-        try:
-            cli.run(lambda: _caption_rows(p, np.arange(n), "h", 100.0))
-        except SystemExit as e:
-            code = int(e.code or 0)
-        return code, capsys.readouterr().err, named, []
+        return *through_cli(lambda: _caption_rows(p, np.arange(n), "h", 100.0), capsys), named, []
     return run
 
 
@@ -334,12 +339,7 @@ def case_sample_store(damage: Callable[[Path], Path]) -> Callable:
             w.write_shard(sh, {"images": np.full((4, 4, 4, 3), sh, np.uint8), "energy": np.ones(4, np.float32)})
         w.mark_complete()
         named = damage(p)
-        code = 0
-        try:
-            cli.run(lambda: np.asarray(open_sample_store(p)["images"][:]))
-        except SystemExit as e:
-            code = int(e.code or 0)
-        return code, capsys.readouterr().err, named, []
+        return *through_cli(lambda: np.asarray(open_sample_store(p)["images"][:]), capsys), named, []
     return run
 
 
