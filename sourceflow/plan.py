@@ -671,6 +671,10 @@ class DatasetFacts:
     source: str        # where the numbers come from
 
 
+class UnknownDatasetSize(ValueError):
+    """An image dataset whose size neither its manifest, ``--images`` nor a known name tells."""
+
+
 def dataset_facts(config: dict[str, Any], name: str, images: dict[str, int] | None = None) -> DatasetFacts:
     """Training images and classes of an image dataset: ``images[name]`` if given, else the counts in
     ``results/{name}/manifest.json`` (prepare_data), else :data:`KNOWN_DATASETS` by name / root; digits
@@ -687,7 +691,7 @@ def dataset_facts(config: dict[str, Any], name: str, images: dict[str, int] | No
         return DatasetFacts(round(1797 * (1 - ds.get("test_fraction", 0.15))), 10, "sklearn digits")
     known = _known(name, ds)
     if known is None:
-        raise ValueError(f"dataset {name!r}: how many training images? No {meta} yet and no known dataset matches "
+        raise UnknownDatasetSize(f"dataset {name!r}: how many training images? No {meta} yet and no known dataset matches "
                          f"its name or root; pass --images {name}=N")
     n = known[0]
     if not ds.get("test_root"):
@@ -969,6 +973,20 @@ def build_spatial_gmm_mem_mb(memory_budget_mb: int) -> int:
     return int(memory_budget_mb) + 4000
 
 
+# A training run on CPUs only (toy data, digits, a rehearsal) asks for a fixed workstation-sized amount: its
+# largest term, the training step's activations, is known only from a fake step, too slow for a resource
+# function; the plan measures it and flags a run that needs more.
+CPU_TRAIN_MEM_MB = 4000
+
+
+def train_mem_mb(config: dict[str, Any], exp: str, planner: Planner | None = None) -> int:
+    """The train rule's mem_mb: the plan's host memory of ``exp``'s training job (:meth:`Planner.train_host`,
+    the configured micro-batch or the largest one under ``grad_accum: auto``), or :data:`CPU_TRAIN_MEM_MB`
+    for a run without GPUs. Needs the model's parameter count (built on fake tensors, cached on disk)."""
+    planner = planner or Planner(config, profile=Profile({}, {}, 0, "-"), rules={}, lazy_facts=True)
+    return planner.train_mem_mb(exp)
+
+
 def nfe_of(solver: str, steps: int | None, dopri5_nfe: int = 100) -> int:
     """Model evaluations of one solve: euler 1 per step, heun and midpoint 2; dopri5 is adaptive (the
     plan assumes ``dopri5_nfe``; the sample stage records the true number)."""
@@ -1123,6 +1141,33 @@ def measure_train_step(spec: dict[str, Any], data: ShapeData, micro_batch: int, 
     return StepMeasure(**{k: v for k, v in out.items() if k in StepMeasure.__dataclass_fields__})
 
 
+def param_counts(spec: dict[str, Any], data: ShapeData, cls_dim: int = 768, use_cache: bool = True) -> tuple[int, int]:
+    """(trainable parameters: the velocity model + a learned source, the velocity model's own) of ``spec``'s
+    real modules built on fake tensors, as :func:`run_fake_step` builds them (no step run: seconds for
+    DiT-DH-XL, cached). What a training job's checkpoint holds; the train rule's mem_mb needs it."""
+    def compute() -> dict[str, int]:
+        import warnings
+
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from sourceflow.build import build_method, build_model
+
+        run_spec, _ = _measurable_spec(spec)
+        k = int(run_spec["source"]["components"]) if run_spec["source"]["kind"] == "gmm" else None
+        with warnings.catch_warnings(), FakeTensorMode(), _standin_gmm_files(data, k, cls_dim):
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            model = build_model(run_spec, data)
+            method = build_method(run_spec, data, 0, "cls-gmm" if k else None, "spatial-gmm" if k else None)
+            model_params = sum(p.numel() for p in model.parameters())
+            source = sum(p.numel() for p in method.source.parameters() if p.requires_grad)
+        return {"params": model_params + source, "model_params": model_params}
+
+    payload = {"spec": {k: spec.get(k) for k in TRAIN_KEYS}, "data": asdict(data) | {"num_rows": 0},
+               "cls_dim": cls_dim}
+    out = _cached("params", payload, compute, use_cache)
+    return int(out["params"]), int(out["model_params"])
+
+
 def ddp_bucket_bytes(params: int, gpus: int) -> int:
     """DDP (accelerate's, ``gradient_as_bucket_view=False``) keeps its own flat fp32 copy of the gradients in
     its all-reduce buckets: 4 bytes per trainable parameter, on every device, when there is more than one."""
@@ -1245,13 +1290,26 @@ def _gb(x: float) -> float:
     return round(float(x) / GB, 3)
 
 
+class _Facts(dict):
+    """Image datasets' :class:`DatasetFacts` by name, each read (:func:`dataset_facts`) when first asked for."""
+
+    def __init__(self, config: dict[str, Any], images: dict[str, int] | None) -> None:
+        super().__init__()
+        self.config, self.images = config, images
+
+    def __missing__(self, name: str) -> DatasetFacts:
+        self[name] = dataset_facts(self.config, name, self.images)
+        return self[name]
+
+
 class Planner:
     """Builds the plan of a config; see the module docstring."""
 
     def __init__(self, config: dict[str, Any], gpu_mem_gb: float = 80.0, throughput: Throughput = Throughput(),
                  io: IOAssumptions = IOAssumptions(), profile: Profile | None = None,
                  rules: dict[str, dict[str, Any]] | None = None, images: dict[str, int] | None = None,
-                 use_cache: bool = True, headroom: float = 0.10, dopri5_nfe: int = 100, progress: Any = None):
+                 use_cache: bool = True, headroom: float = 0.10, dopri5_nfe: int = 100, progress: Any = None,
+                 lazy_facts: bool = False):
         from sourceflow.config import resolve_experiments
 
         self.config = config
@@ -1261,8 +1319,11 @@ class Planner:
         self.rules = rules if rules is not None else rule_resources()
         self.use_cache, self.headroom, self.dopri5_nfe = use_cache, headroom, dopri5_nfe
         self.progress = progress or (lambda msg: None)
-        self.facts = {name: dataset_facts(config, name, images) for name, ds in config["datasets"].items()
-                      if ds["kind"] in IMAGE_KINDS}
+        self.facts = _Facts(config, images)
+        if not lazy_facts:  # every image dataset's size now (the plan reports them all); lazy: when first used
+            for name, ds in config["datasets"].items():
+                if ds["kind"] in IMAGE_KINDS:
+                    self.facts[name]
         self._train_plans: dict[str, dict[str, Any]] = {}
 
     # -- helpers
@@ -1296,6 +1357,8 @@ class Planner:
                                                             enc["stats_batch_rows"])
             elif job.rule == "build_spatial_gmm":
                 plan_values["mem_mb"] = build_spatial_gmm_mem_mb(self._gmm(job)["memory_budget_mb"])
+            elif job.rule == "train":
+                plan_values["mem_mb"] = self.train_mem_mb(job.experiment)
             e.requested = {"local": True} if job.local else requested(job, self.profile, self.rules, plan_values)
             self._flag(e)
             out.append(e)
@@ -1624,6 +1687,65 @@ class Planner:
                     2 * local_batch * row + chunks * crow * row) / GB
         return out
 
+    def train_host(self, exp: str, accum: int | None = None, step_peak_bytes: int | None = None
+                   ) -> tuple[dict[str, float], float]:
+        """Host memory of ``exp``'s training job: its named terms (GB) and their total. Per process: the process,
+        the training data (:meth:`_data_host`), GMM means kept on the host, the CLS GMM and posterior table,
+        LOOM's seed cache; once: the larger of the spatial GMM means every process reads before moving them to
+        its GPU and rank 0's checkpoint copy; on the CPU the training step itself (``step_peak_bytes``).
+        ``accum=None`` takes the configured grad_accum, or 1 for ``auto`` (the largest micro-batch: an upper
+        bound). The train rule's mem_mb is this total (:func:`train_mem_mb`), so it needs no fake step."""
+        spec = self.specs[exp]
+        t = spec["train"]
+        gpus = int(t.get("gpus", 0))
+        procs = gpus if gpus else int(t.get("processes", 1))
+        if accum is None:
+            accum = t.get("grad_accum", 1) if isinstance(t.get("grad_accum", 1), int) else 1
+        data = shape_data(self.config, spec, self.facts)
+        cls_dim = _spec_cls_dim(spec)
+        params, model_params = param_counts(spec, data, cls_dim, self.use_cache)
+        local_batch = t["batch_size"] // max(procs, 1) // accum
+        image = self.ds(spec["data"])["kind"] in IMAGE_KINDS
+        per_proc = {"process": self.io.process_gb if gpus else self.io.cpu_process_gb}
+        per_proc.update(self._data_host(spec, procs, local_batch))
+        startup: dict[str, float] = {}
+        if spec["source"]["kind"] == "gmm" and image:
+            k = int(spec["source"]["components"])
+            d = math.prod(data.event_shape)
+            if gpus and spec["source"].get("means_on") == "host":  # kept in pinned host memory, not on the GPUs
+                per_proc["spatial GMM means in pinned host memory (K x D x 4 B)"] = k * d * 4 / GB
+            else:
+                startup["spatial GMM means read before moving to the GPU (K x D x 4 B)" if gpus else
+                        "spatial GMM means K x D x 4 B"] = k * d * 4 / GB
+        if spec["coupling"]["kind"] == "mode":
+            k = int(spec["source"]["components"])
+            per_proc["CLS GMM float64 (means, variances K x D x 8 B) + posterior terms"] = 3 * k * (2 * cls_dim + 1) * 8 / GB
+            if spec["coupling"].get("posterior_topk"):
+                top = int(spec["coupling"]["posterior_topk"])
+                per_proc[f"posterior table rows x {top} x 8 B"] = data.num_rows * top * 8 / GB
+        if spec["coupling"]["kind"] == "loom":
+            caches = int(spec["coupling"].get("num_caches", 1))
+            per_proc[f"LOOM seed cache rows x {caches} x 8 B"] = data.num_rows * caches * 8 / GB
+        ckpt_parts = {"model": 4 * model_params, "ema": 4 * params, "optimizer": 8 * params}
+        host: dict[str, float] = {f"{k} (x{procs})" if procs > 1 else k: v * procs for k, v in per_proc.items()}
+        save = 2 * max(ckpt_parts.values()) / GB  # rank 0: a CPU copy of the largest part + safetensors' bytes
+        if gpus == 0 and step_peak_bytes is not None:
+            host["training step (MemTracker peak)"] = step_peak_bytes / GB * max(procs, 1)
+        steady = sum(host.values())
+        load = sum(startup.values()) * max(procs, 1)
+        if load > save:
+            host.update({f"{k} (x{procs}, at start)" if procs > 1 else f"{k} (at start)": v * max(procs, 1)
+                         for k, v in startup.items()})
+        else:
+            host["checkpoint on rank 0: CPU copy + serialised bytes of the largest part"] = save
+        return host, steady + max(load, save)
+
+    def train_mem_mb(self, exp: str) -> int:
+        """The train rule's mem_mb for ``exp`` (:func:`train_mem_mb`)."""
+        if not int(self.specs[exp]["train"].get("gpus", 0)):
+            return CPU_TRAIN_MEM_MB
+        return int(math.ceil(self.train_host(exp)[1] * 1000))
+
     def _train(self, job: Job) -> Entry:
         spec = self.specs[job.experiment]
         t = spec["train"]
@@ -1635,44 +1757,10 @@ class Planner:
         precision = train_precision(spec) if gpus else "cpu"
         flops = m.flops_per_sample * t["batch_size"] * t["steps"]
         local_batch = t["batch_size"] // max(procs, 1) // accum
-        image = self.ds(job.dataset)["kind"] in IMAGE_KINDS
-        per_proc = {"process": self.io.process_gb if gpus else self.io.cpu_process_gb}
-        per_proc.update(self._data_host(spec, procs, local_batch))
-        startup: dict[str, float] = {}
-        if spec["source"]["kind"] == "gmm" and image:
-            k = int(spec["source"]["components"])
-            d = math.prod(tp["data"].event_shape)
-            if gpus and spec["source"].get("means_on") == "host":  # kept in pinned host memory, not on the GPUs
-                per_proc["spatial GMM means in pinned host memory (K x D x 4 B)"] = k * d * 4 / GB
-            else:
-                startup["spatial GMM means read before moving to the GPU (K x D x 4 B)" if gpus else
-                        "spatial GMM means K x D x 4 B"] = k * d * 4 / GB
-        if spec["coupling"]["kind"] == "mode":
-            k = int(spec["source"]["components"])
-            per_proc["CLS GMM float64 (means, variances K x D x 8 B) + posterior terms"] = 3 * k * (2 * tp["cls_dim"] + 1) * 8 / GB
-            if spec["coupling"].get("posterior_topk"):
-                top = int(spec["coupling"]["posterior_topk"])
-                per_proc[f"posterior table rows x {top} x 8 B"] = tp["data"].num_rows * top * 8 / GB
-        if spec["coupling"]["kind"] == "loom":
-            caches = int(spec["coupling"].get("num_caches", 1))
-            per_proc[f"LOOM seed cache rows x {caches} x 8 B"] = tp["data"].num_rows * caches * 8 / GB
-        ckpt_parts = {"model": 4 * m.model_params, "ema": 4 * m.params, "optimizer": 8 * m.params}
-        ckpt = sum(ckpt_parts.values())
+        host, host_gb = self.train_host(job.experiment, accum, m.peak_bytes)
+        ckpt = 4 * m.model_params + 12 * m.params  # model, EMA (+ a learned source), AdamW's two moments
         if spec["coupling"]["kind"] == "loom":
             ckpt += tp["data"].num_rows * int(spec["coupling"].get("num_caches", 1)) * 8
-        host: dict[str, float] = {f"{k} (x{procs})" if procs > 1 else k: v * procs for k, v in per_proc.items()}
-        steady = sum(host.values())
-        save = 2 * max(ckpt_parts.values()) / GB  # rank 0: a CPU copy of the largest part + safetensors' bytes
-        if gpus == 0:
-            host["training step (MemTracker peak)"] = m.peak_bytes / GB * max(procs, 1)
-            steady = sum(host.values())
-        load = sum(startup.values()) * max(procs, 1)
-        if load > save:
-            host.update({f"{k} (x{procs}, at start)" if procs > 1 else f"{k} (at start)": v * max(procs, 1)
-                         for k, v in startup.items()})
-        else:
-            host["checkpoint on rank 0: CPU copy + serialised bytes of the largest part"] = save
-        host_gb = steady + max(load, save)
         final = 4 * m.params + 8 * (int(spec["source"].get("components", 0)) if spec["regularizers"].get("focal_gamma") else 0)
         disk = {"checkpoints/last (model, EMA, AdamW state) x 2 while swapped": 2 * ckpt / GB,
                 "model.safetensors (EMA weights + method state)": final / GB}

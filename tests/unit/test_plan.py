@@ -17,9 +17,11 @@ import torch
 
 from sourceflow.config import resolve_experiments
 from sourceflow.plan import (
+    CPU_TRAIN_MEM_MB,
     JSON_KEYS,
     FlashAttentionMemory,
     Job,
+    Planner,
     Profile,
     ShapeData,
     _peak,
@@ -29,9 +31,11 @@ from sourceflow.plan import (
     fill_defaults,
     latent_stats_mem_mb,
     load_config,
+    param_counts,
     requested,
     rule_resources,
     run_fake_step,
+    train_mem_mb,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,16 +105,22 @@ def test_defaults_are_snakemakes():
 
 def test_requests_follow_snakemakes_precedence(tmp_path):
     rules = rule_resources()
-    assert rules["train"]["mem_mb"] == 4000 and rules["train"]["gpu"] == "function"
+    assert rules["train"]["mem_mb"] == "function" and rules["train"]["gpu"] == "function"
     assert rules["latent_stats"]["mem_mb"] == "function"
     prof = tmp_path / "p.yaml"
     prof.write_text("retries: 2\ndefault-resources:\n  - runtime=60\n  - mem_mb=1000\nset-resources:\n"
-                    "  train: {runtime: 1440}\n")
+                    "  train: {runtime: 1440}\n  sample: {mem_mb: 16000}\n")
     p = Profile.load(prof)
     assert p.retries == 2 and p.default == {"runtime": 60, "mem_mb": 1000}
     r = requested(Job("train", experiment="x", seed=0), p, rules, {"gpu": 8, "mem_mb": 1})
-    assert (r["runtime"], r["mem_mb"], r["gpu"]) == (1440, 4000, 8)  # profile rule > rule > profile default
-    assert r["source"]["gpu"].startswith("rule function")
+    assert (r["runtime"], r["mem_mb"], r["gpu"]) == (1440, 1, 8)  # profile rule > rule (functions: the plan's)
+    assert r["source"]["gpu"].startswith("rule function") and r["source"]["mem_mb"].startswith("rule function")
+    r = requested(Job("sample", experiment="x", seed=0), p, rules, {"gpu": 1})
+    assert r["mem_mb"] == 16000 and r["source"]["mem_mb"] == "profile set-resources"  # > the rule's 2000
+    r = requested(Job("sample", experiment="x", seed=0), p, {"sample": {}}, {"gpu": 1})
+    assert (r["runtime"], r["mem_mb"]) == (60, 16000)  # a rule without a runtime: profile default
+    r = requested(Job("evaluate", experiment="x", seed=0), p, rules, {"gpu": 0})
+    assert r["mem_mb"] == rules["evaluate"]["mem_mb"] and r["source"]["mem_mb"] == "rule"  # rule > profile default
     r = requested(Job("latent_stats", dataset="d", encoder="e"), p, rules, {"mem_mb": 3619, "gpu": 0})
     assert r["mem_mb"] == 3619 and r["runtime"] == 120
 
@@ -141,6 +151,39 @@ def test_fake_peak_equals_real_peak(exp, data):
     real = run_fake_step(spec, data, 16, accumulate=True, fake=False, cls_dim=3 * 16 * 16)
     assert fake.params == real.params and fake.forward_flops == real.forward_flops
     assert abs(fake.peak_bytes - real.peak_bytes) <= 0.03 * real.peak_bytes, (fake.peak_bytes, real.peak_bytes)
+
+
+@pytest.mark.parametrize("exp", ["digits-csfm", "fm"])
+def test_param_counts_are_the_fake_steps(exp):
+    """The train rule's mem_mb counts parameters without running a step: the same numbers as the step's."""
+    cfg = load_config(ROOT / "config" / "config.yaml")
+    spec = resolve_experiments(cfg)[exp]
+    image = spec["dataset"]["kind"] != "toy"
+    data = ShapeData((3, 16, 16), 10, (16, 384), 64) if image else ShapeData((2,), 2, None, 64)
+    cls_dim = 3 * 16 * 16 if image else 2
+    step = run_fake_step(spec, data, 8, fake=True, cls_dim=cls_dim)
+    assert param_counts(spec, data, cls_dim, use_cache=False) == (step.params, step.model_params)
+    if exp == "digits-csfm":  # its learned source trains beside the model and is checkpointed with it
+        assert step.params > step.model_params
+
+
+def test_train_mem_mb_is_the_plans_host_memory_of_a_gpu_run():
+    """A GPU run asks for the plan's host memory (here the digits MM-FM run on 4 GPUs, 2 micro-batches): the
+    rule's function, the plan's request and the plan's own host figure agree; a CPU run asks for the fixed
+    workstation amount."""
+    cfg = load_config(ROOT / "config" / "config.yaml")
+    exp = cfg["experiments"]["digits-mmfm"] if isinstance(cfg["experiments"], dict) else next(
+        e for e in cfg["experiments"] if e["name"] == "digits-mmfm")
+    exp.setdefault("train", {}).update({"gpus": 4, "grad_accum": 2})
+    planner = Planner(cfg, rules=rule_resources(), profile=Profile({}, {}, 0, "-"), use_cache=False)
+    mb = train_mem_mb(cfg, "digits-mmfm")
+    terms, total = planner.train_host("digits-mmfm")
+    assert mb == int(-(-total * 1000 // 1)) and mb > 4 * 3000  # 4 processes with a CUDA context each
+    assert any("(x4)" in k for k in terms) and any("CLS GMM" in k for k in terms)
+    entry = next(e for e in planner.plan() if e.rule == "train" and e.experiment == "digits-mmfm")
+    assert entry.requested["mem_mb"] == mb and entry.requested["source"]["mem_mb"].startswith("rule function")
+    assert entry.host_mem_gb * 1000 <= mb and not any("host memory" in f for f in entry.flags)
+    assert train_mem_mb(cfg, "digits-fm") == CPU_TRAIN_MEM_MB
 
 
 def test_peak_grows_with_the_micro_batch_and_accumulation_keeps_gradients():
@@ -286,5 +329,9 @@ def test_full_plan_has_every_job_and_fits_80gb(full_plans, name):
             assert not any("GPU memory" in f for f in j["flags"]), j
         if j["rule"] == "train":
             assert j["grad_accum"] >= 1 and j["flops"] > 1e18 and j["hours"] > 0
+            # mem_mb is the plan's own host memory of the run (the rule's function), not a fixed profile value
+            assert j["requested"]["source"]["mem_mb"].startswith("rule function"), j["requested"]
+            assert j["host_mem_gb"] * 1000 <= j["requested"]["mem_mb"], j
+            assert not any("host memory" in f for f in j["flags"]), j
     assert "assumptions: H100 SXM: bf16 dense 989" in table
     assert plan["assumptions"]["throughput"]["mfu"] == 0.35

@@ -36,7 +36,8 @@ def test_mmfm_recipe():
     assert m["conditioning"] == "mode" and m["coupling"] == {"kind": "mode", "posterior": "soft", "posterior_topk": 16}
     assert m["source"] == {"kind": "gmm", "components": 8192, "variance": "spherical"}
     assert m["regularizers"] == {"focal_gamma": 2.0, "focal_ema": 0.9995, "focal_clip": [0.3, 3.0], "focal_warmup": 2500}
-    t = TrainSettings.from_spec(m["train"], IMAGENET_IMAGES)
+    assert m["train"]["grad_accum"] == "auto"  # the recipe's batch in micro-batches that fit the GPU
+    t = TrainSettings.from_spec(m["train"], IMAGENET_IMAGES, grad_accum=2)
     assert (t.batch_size, t.betas, t.weight_decay, t.grad_clip) == (1024, (0.9, 0.95), 0.0, 1.0)
     assert t.steps * t.batch_size / IMAGENET_IMAGES == pytest.approx(80, abs=0.1)  # 80 epochs
     spe = IMAGENET_IMAGES / 1024
@@ -54,10 +55,10 @@ def test_mmfm_recipe():
     assert ag == {"experiment": "mmfm-guide", "scale": 1.5}
     guide = specs["mmfm-guide"]
     assert guide["model"]["size"] == "DiTDH-S/1" and "focal_gamma" not in guide["regularizers"]
-    gt = TrainSettings.from_spec(guide["train"], IMAGENET_IMAGES)
+    gt = TrainSettings.from_spec(guide["train"], IMAGENET_IMAGES, grad_accum=1)
     assert gt.lr_at(10**4) == 2e-4 and gt.ema_decay_at(0) == 0.9995
     assert gt.steps * 1024 / IMAGENET_IMAGES == pytest.approx(20, abs=0.1)  # 20 epochs
-    base = TrainSettings.from_spec(specs["fm-gaussian"]["train"], IMAGENET_IMAGES)
+    base = TrainSettings.from_spec(specs["fm-gaussian"]["train"], IMAGENET_IMAGES, grad_accum=2)
     assert specs["fm-gaussian"]["source"]["kind"] == "gaussian"
     assert base.lr_at(0) == 2e-4 and base.ema_decay_at(0) == 0.995  # its initial lr and EMA
 
@@ -72,7 +73,7 @@ def test_csfm_recipe():
     assert (c["source"]["width"], c["source"]["depth"], c["source"]["heads"], c["source"]["patch"]) == (768, 8, 12, 1)
     v = specs["csfm-learned-var"]  # the paper's variant
     assert v["source"]["learn_var"] is True and v["regularizers"] == {"var_reg": 5.0, "align": 1.0}
-    t = TrainSettings.from_spec(c["train"], IMAGENET_IMAGES)
+    t = TrainSettings.from_spec(c["train"], IMAGENET_IMAGES, grad_accum=4)
     assert t.lr_at(0) == t.lr_at(99_999) == 2e-4 and t.betas == (0.9, 0.95) and t.grad_clip == 1.0
     assert c["train"]["p_uncond"] == 0.0  # no condition dropout: evaluated with autoguidance
     assert c["time"]["kind"] == "uniform" and c["time"]["shift"] == pytest.approx(S)

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sourceflow.config import resolve_experiments
+from sourceflow.plan import enumerate_jobs, load_config, train_mem_mb
+
 from .helpers import ROOT, scratch_repo, snakemake
 
 PROFILES = ROOT / "profiles"
@@ -81,6 +84,11 @@ def test_a_dry_run_with_the_slurm_profile_shows_its_resources_on_every_job(repo)
             assert key in resources, (rule, key, resources)
     trains = [r for rule, r in jobs if rule == "train"]
     assert trains and all(r["slurm_extra"].startswith("--signal=URG@") and r["nodes"] == "1" for r in trains)
+    # each training job asks for the resource plan's host memory of its run (81 GB for MM-FM on 8 GPUs)
+    cfg = load_config(ROOT / "config" / FULL_SCALE)
+    planned = [train_mem_mb(cfg, j.experiment) for j in enumerate_jobs(cfg, resolve_experiments(cfg))
+               if j.rule == "train"]
+    assert sorted(int(r["mem_mb"]) for r in trains) == sorted(planned) and max(planned) > 64000
     assert max(int(r["gpu"]) for r in trains) > 1  # a multi-GPU job, on one node
     # sampling on the experiment's node: sample.gpus defaults to train.gpus, one torchrun process per GPU
     samples = [r for rule, r in jobs if rule == "sample"]

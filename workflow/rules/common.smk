@@ -503,6 +503,28 @@ def reference_args(wc, input):
     return args + f"--features inception --inception {shq(ref['inception_path'])}"
 
 
+_PLANNER = []
+
+
+def train_mem_mb(wc, input):
+    """train's memory: the resource plan's host memory of the run (sourceflow.plan.train_mem_mb: the processes,
+    the data, the GMMs, the checkpoint; a fixed 4000 MB for CPU-only runs). A dataset whose size the config
+    does not tell is counted from prepare_data's manifest.json: before it exists the FileNotFoundError on the
+    manifest input makes Snakemake evaluate this again once the job is ready (a dry run shows <TBD>)."""
+    import errno
+
+    from sourceflow.plan import CPU_TRAIN_MEM_MB, Planner, Profile, UnknownDatasetSize
+
+    if not int(SPECS[wc.exp]["train"].get("gpus", 0)):
+        return CPU_TRAIN_MEM_MB
+    if not _PLANNER:
+        _PLANNER.append(Planner(config, profile=Profile({}, {}, 0, "-"), rules={}, lazy_facts=True))
+    try:
+        return _PLANNER[0].train_mem_mb(wc.exp)
+    except UnknownDatasetSize as e:  # no manifest.json yet
+        raise FileNotFoundError(errno.ENOENT, str(e), input.get("manifest", "")) from None
+
+
 def latent_stats_subset(wc):
     """The stage's --images/--seed for an encoder's stats_images subset ("" = all rows)."""
     spec = encoder_spec(wc)

@@ -26,7 +26,7 @@ rule train:
     resources:
         gpu=run_gpu("train"),
         nodes=1,  # torchrun --standalone: one task on one node (multi-node training is refused by the launcher)
-        mem_mb=4000,
+        mem_mb=train_mem_mb,  # the resource plan's host memory of the run (4000 MB without GPUs)
         runtime=120,
     shell:
         "{params.launch} stages/train.py --spec {input.spec:q} {params.data} {params.reflow} "
