@@ -51,11 +51,14 @@ def setup(tmp_path_factory):
 
 
 def np_normalize(spatial: np.ndarray, stats: LatentStats) -> np.ndarray:
-    """(x − mean) / sqrt(var + eps), or x / sqrt(var + eps) for variance-only stats, in numpy float32 (as
-    the stage computes it), returned as float64."""
+    """(x − mean) / sqrt(var + eps), or x / sqrt(var + eps) for variance-only stats, in float32 by
+    ``LatentStats.normalize`` as the stage computes it (numpy's float32 division differs from torch's by an ulp
+    on some CPUs, e.g. an AVX2-only AMD EPYC, which the moments' 1e-10 comparison would see), as float64."""
+    out = stats.normalize(torch.from_numpy(np.ascontiguousarray(spatial, dtype=np.float32))).numpy()
     mean = stats.mean.numpy() if stats.mode == "mean_std" else np.float32(0)
-    std = np.sqrt(stats.var.numpy() + np.float32(stats.eps))
-    return ((spatial.astype(np.float32) - mean) / std).astype(np.float64)
+    ref = (spatial.astype(np.float32) - mean) / np.sqrt(stats.var.numpy() + np.float32(stats.eps))
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)  # the formula, independently
+    return out.astype(np.float64)
 
 
 def rows_and_labels(spatial, labels, stats, flips=True, reencoded=False):
