@@ -979,12 +979,17 @@ def build_spatial_gmm_mem_mb(memory_budget_mb: int) -> int:
 CPU_TRAIN_MEM_MB = 4000
 
 
-def train_mem_mb(config: dict[str, Any], exp: str, planner: Planner | None = None) -> int:
-    """The train rule's mem_mb: the plan's host memory of ``exp``'s training job (:meth:`Planner.train_host`,
+def resource_planner(config: dict[str, Any]) -> Planner:
+    """A :class:`Planner` for the workflow's resource functions: no profile or rules to read, and each dataset's
+    size read only when a job asks for it (:class:`UnknownDatasetSize` before prepare_data for an unknown one)."""
+    return Planner(config, profile=Profile({}, {}, 0, "-"), rules={}, lazy_facts=True)
+
+
+def train_mem_mb(config: dict[str, Any], exp: str) -> int:
+    """The train rule's mem_mb: the plan's host memory of ``exp``'s training job (:meth:`Planner.train_mem_mb`,
     the configured micro-batch or the largest one under ``grad_accum: auto``), or :data:`CPU_TRAIN_MEM_MB`
     for a run without GPUs. Needs the model's parameter count (built on fake tensors, cached on disk)."""
-    planner = planner or Planner(config, profile=Profile({}, {}, 0, "-"), rules={}, lazy_facts=True)
-    return planner.train_mem_mb(exp)
+    return resource_planner(config).train_mem_mb(exp)
 
 
 def nfe_of(solver: str, steps: int | None, dopri5_nfe: int = 100) -> int:

@@ -513,12 +513,10 @@ def train_mem_mb(wc, input):
     manifest input makes Snakemake evaluate this again once the job is ready (a dry run shows <TBD>)."""
     import errno
 
-    from sourceflow.plan import CPU_TRAIN_MEM_MB, Planner, Profile, UnknownDatasetSize
+    from sourceflow.plan import UnknownDatasetSize, resource_planner
 
-    if not int(SPECS[wc.exp]["train"].get("gpus", 0)):
-        return CPU_TRAIN_MEM_MB
-    if not _PLANNER:
-        _PLANNER.append(Planner(config, profile=Profile({}, {}, 0, "-"), rules={}, lazy_facts=True))
+    if not _PLANNER:  # one per workflow: parameter counts and dataset sizes are computed once
+        _PLANNER.append(resource_planner(config))
     try:
         return _PLANNER[0].train_mem_mb(wc.exp)
     except UnknownDatasetSize as e:  # no manifest.json yet
