@@ -74,7 +74,7 @@ def run(a) -> None:
     Path(a.results).mkdir(parents=True, exist_ok=True)
     # a rerun (after a kill) continues the record: its phases add to the wall time
     state = json.loads(state_path.read_text()) if state_path.exists() else {
-        "command": f"python benchmarks/c2ot_moons.py --cores {a.cores}",
+        "command": " ".join(["python", "benchmarks/c2ot_moons.py", *sys.argv[1:]]),
         "start": dt.datetime.now().isoformat(timespec="seconds"), "phases": []}
     loads: list[float] = state.get("load_samples", [])
     stop = threading.Event()
@@ -89,7 +89,11 @@ def run(a) -> None:
         # the first experiment of each method before the others: one seed per method as early as possible
         first = [seed0[e["name"]] for i, e in enumerate(exps) if e["method"] not in {x["method"] for x in exps[:i]}]
         phases.append(("seed 0 of every experiment, one per method first", list(seed0.values()), first))
-    phases.append(("everything", [], []))
+    # --first METHODS: every seed of those methods' experiments scheduled before the others (e.g. the
+    # harness's own fm, otcfm and c2ot when a session cannot finish all 36 runs)
+    prio = [str(e["dir"] / f"seed{s}" / "metrics" / "all.json") for e in exps if e["method"] in a.first
+            for s in e["seeds"]]
+    phases.append(("everything" + (f", all seeds of {','.join(a.first)} first" if prio else ""), [], prio))
     with open(Path(a.results) / "bench_snakemake.log", "a") as log:
         for name, targets, first in phases:
             seconds, rc = snakemake(a.results, a.cores, targets, log, first)
@@ -118,6 +122,11 @@ def loop_seconds(log: Path, job_log: Path) -> float:
     return total + last
 
 
+def summary_resumed(summary: Path) -> bool:
+    """Whether a run's training resumed after a kill (its job times then cover only the last part)."""
+    return bool(json.loads(summary.read_text())["resumed_from"]) if summary.exists() else False
+
+
 def fmt(values: list[float], digits: int = 3) -> str:
     if not values:
         return "—"
@@ -139,12 +148,12 @@ def collect(a) -> list[str]:
     rows, times, missing = [], [], []
     for e in experiments(a.results):
         w2 = {"euler-1": [], "dopri5": []}
-        nfe, secs, job_secs, done = [], [], [], []
+        nfe, secs, job_secs, done, run_secs = [], [], [], [], []
         for seed in e["seeds"]:
             d = Path(a.run_dir.get(f"{e['name']}/seed{seed}", e["dir"] / f"seed{seed}"))
             summary = d / "train_summary.json"
             if summary.exists():
-                resumed = json.loads(summary.read_text())["resumed_from"]
+                resumed = summary_resumed(summary)
                 job_log = results / "logs" / e["data"] / e["name"] / f"seed{seed}" / "train.log"
                 secs.append(f"{loop_seconds(d / 'train_log.jsonl', job_log):.0f}" + ("*" if resumed else ""))
                 tsv = results / "benchmarks" / e["data"] / e["name"] / f"seed{seed}" / "train.tsv"
@@ -155,6 +164,11 @@ def collect(a) -> list[str]:
                 missing.append(f"{e['name']} seed {seed}" + (" (trained, not evaluated)" if summary.exists() else ""))
                 continue
             done.append(seed)
+            # the whole run's job time (train + sample + evaluate, start-up included), where every part is known
+            bench = results / "benchmarks" / e["data"] / e["name"] / f"seed{seed}"
+            parts = [bench / f"{r}.tsv" for r in ("train", "sample", "evaluate")]
+            if all(f.exists() for f in parts) and not summary_resumed(summary) and f"{e['name']}/seed{seed}" not in a.run_dir:
+                run_secs.append(sum(float(pd.read_csv(f, sep="\t")["s"].iloc[0]) for f in parts))
             for rec in json.loads(metrics.read_text()):
                 tag = "dopri5" if rec["solver"] == "dopri5" else f"{rec['solver']}-{rec['steps']}"
                 if tag in w2 and "w2sq" in rec["metrics"]:
@@ -169,6 +183,8 @@ def collect(a) -> list[str]:
         times.append({"experiment": e["name"], "train loop s per seed": ", ".join(secs) or "—",
                       "train job s per seed": ", ".join(f"{s:.0f}" for s in job_secs) or "—",
                       "mean loop min per seed": f"{np.mean(loop_s) / 60:.1f}" if secs else "—",
+                      "mean run min per seed (train + sample + evaluate jobs)":
+                          f"{np.mean(run_secs) / 60:.1f}" if run_secs else "—",
                       "harness min per seed": HARNESS_MINUTES.get(e["method"], "—")})
     per_rule: dict[str, float] = {}
     for f in (results / "benchmarks").rglob("*.tsv"):
@@ -177,9 +193,9 @@ def collect(a) -> list[str]:
     load = state.get("load", {})
     lines = [f"## C2OT toy harness as a config (issue 12), {dt.date.today().isoformat()}", "",
              f"- command: `{state.get('command', 'python benchmarks/c2ot_moons.py --cores 2')}` "
-             f"(`snakemake --configfile config/c2ot-moons.yaml --cores N`, seed 0 of every experiment first)",
-             f"- machine: {machine()}; load (1-min average, sampled every 30 s during the run, shared with other "
-             f"work): mean {load.get('mean', '?')}, max {load.get('max', '?')}",
+             "(`snakemake --configfile config/c2ot-moons.yaml --cores N`, in the phases below)",
+             f"- machine: {machine()}; load (1-min average, sampled every 30 s during the run, with whatever else "
+             f"ran): mean {load.get('mean', '?')}, max {load.get('max', '?')}",
              f"- started {state.get('start', '?')}; wall time, whole run: **{total:.0f} s ({total / 3600:.2f} h)** ("
              + "; ".join(f"{p['phase']}: {p['seconds']:.0f} s, exit {p['returncode']}" for p in state.get("phases", []))
              + ")",
@@ -252,6 +268,8 @@ def main() -> None:
     p.add_argument("--seed-first", action=argparse.BooleanOptionalAction, default=True,
                    help="run seed 0 of every experiment before the other seeds")
     p.add_argument("--phase1", default=None, help="comma-separated experiments whose seed 0 runs alone first")
+    p.add_argument("--first", default="", type=lambda v: [m for m in v.split(",") if m],
+                   help="comma-separated methods whose experiments (every seed) are scheduled before the rest")
     p.add_argument("--collect-only", action="store_true", help="do not run: tabulate what has finished")
     p.add_argument("--no-write", action="store_true", help="print the entry without appending it to --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="results file to append to")
