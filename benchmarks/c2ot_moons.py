@@ -127,6 +127,11 @@ def summary_resumed(summary: Path) -> bool:
     return bool(json.loads(summary.read_text())["resumed_from"]) if summary.exists() else False
 
 
+def tsv_seconds(path: Path) -> float:
+    """A Snakemake benchmark file's wall seconds."""
+    return float(pd.read_csv(path, sep="\t")["s"].iloc[0])
+
+
 def fmt(values: list[float], digits: int = 3) -> str:
     if not values:
         return "—"
@@ -152,13 +157,15 @@ def collect(a) -> list[str]:
         for seed in e["seeds"]:
             d = Path(a.run_dir.get(f"{e['name']}/seed{seed}", e["dir"] / f"seed{seed}"))
             summary = d / "train_summary.json"
+            resumed = summary_resumed(summary)
+            # job times are whole only for a run trained in one job here (not resumed, not read from elsewhere)
+            whole = not resumed and f"{e['name']}/seed{seed}" not in a.run_dir
             if summary.exists():
-                resumed = summary_resumed(summary)
                 job_log = results / "logs" / e["data"] / e["name"] / f"seed{seed}" / "train.log"
                 secs.append(f"{loop_seconds(d / 'train_log.jsonl', job_log):.0f}" + ("*" if resumed else ""))
                 tsv = results / "benchmarks" / e["data"] / e["name"] / f"seed{seed}" / "train.tsv"
-                if tsv.exists() and not resumed and f"{e['name']}/seed{seed}" not in a.run_dir:  # a resumed job's tsv: its last part
-                    job_secs.append(float(pd.read_csv(tsv, sep="\t")["s"].iloc[0]))
+                if tsv.exists() and whole:  # a resumed job's tsv: its last part
+                    job_secs.append(tsv_seconds(tsv))
             metrics = d / "metrics" / "all.json"
             if not metrics.exists():
                 missing.append(f"{e['name']} seed {seed}" + (" (trained, not evaluated)" if summary.exists() else ""))
@@ -167,8 +174,8 @@ def collect(a) -> list[str]:
             # the whole run's job time (train + sample + evaluate, start-up included), where every part is known
             bench = results / "benchmarks" / e["data"] / e["name"] / f"seed{seed}"
             parts = [bench / f"{r}.tsv" for r in ("train", "sample", "evaluate")]
-            if all(f.exists() for f in parts) and not summary_resumed(summary) and f"{e['name']}/seed{seed}" not in a.run_dir:
-                run_secs.append(sum(float(pd.read_csv(f, sep="\t")["s"].iloc[0]) for f in parts))
+            if whole and all(f.exists() for f in parts):
+                run_secs.append(sum(tsv_seconds(f) for f in parts))
             for rec in json.loads(metrics.read_text()):
                 tag = "dopri5" if rec["solver"] == "dopri5" else f"{rec['solver']}-{rec['steps']}"
                 if tag in w2 and "w2sq" in rec["metrics"]:
@@ -188,7 +195,7 @@ def collect(a) -> list[str]:
                       "harness min per seed": HARNESS_MINUTES.get(e["method"], "—")})
     per_rule: dict[str, float] = {}
     for f in (results / "benchmarks").rglob("*.tsv"):
-        per_rule[f.stem] = per_rule.get(f.stem, 0.0) + float(pd.read_csv(f, sep="\t")["s"].iloc[0])
+        per_rule[f.stem] = per_rule.get(f.stem, 0.0) + tsv_seconds(f)
     total = sum(p["seconds"] for p in state.get("phases", []))
     load = state.get("load", {})
     lines = [f"## C2OT toy harness as a config (issue 12), {dt.date.today().isoformat()}", "",
