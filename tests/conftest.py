@@ -40,6 +40,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: may use a GPU in this process (every other test sees none)")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow (workflow) tests first, otherwise in collection order: under pytest-xdist (`make test`: `-n 2
+    --dist loadscope --no-loadscope-reorder`, a module per worker, dealt out in this order) the minutes-long
+    modules start at once instead of leaving one worker running the last of them alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort
+
+
 @pytest.fixture(autouse=True)
 def _no_traceback_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stages print expected failures as one line unless SOURCEFLOW_TRACEBACK is set (sourceflow.cli.run); a

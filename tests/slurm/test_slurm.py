@@ -7,6 +7,7 @@ local run."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -81,7 +82,10 @@ def start_cluster() -> bool:
     """Starts the local cluster (idempotent); False where it cannot be (it needs root or sudo)."""
     if os.geteuid() != 0 and shutil.which("sudo") is None:
         return False
-    res = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900)
+    # one start at a time: under pytest-xdist (`make test`) this module and the rehearsal's may start it at once
+    with open(Path(tempfile.gettempdir()) / "sourceflow-local-cluster.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        res = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"local cluster did not start:\n{res.stdout}\n{res.stderr}"
     return True
 
