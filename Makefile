@@ -27,8 +27,8 @@ run: $(STAMP)
 # Two pytest-xdist workers, a test module on one worker (--dist loadscope: its module fixtures, whole workflow
 # runs, are built once), dealt out slow modules first (tests/conftest.py; xdist's own reorder puts the modules with
 # the most tests first, which left the minutes-long workflow modules for last); TEST_WORKERS=0 runs the suite in
-# this process. (loadgroup would group across modules, but
-# xdist 3.8 renames items through Item._nodeid, which pytest 9.2 no longer reads, so its groups are ignored.)
+# this process. Not --dist loadgroup: xdist 3.8 renames items through Item._nodeid, which pytest 9.2 no longer
+# reads, so its groups are ignored and a module's tests (and its fixtures) spread over both workers.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
