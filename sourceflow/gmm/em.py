@@ -79,6 +79,7 @@ class SuffStats:
     nnz: int = 0  # non-zero responsibilities gathered by the sparse path (for the log)
     dense_chunks: int = 0  # chunks that took the dense r.T @ xa path
     screened_chunks: int = 0  # chunks whose log-densities were screened in bf16 (exact on candidates only)
+    carried_rows: int = 0  # rows whose dense log-densities were skipped by the carried bounds (:class:`Carry`)
 
     @classmethod
     def zeros(cls, k: int, d: int, device: torch.device | str) -> SuffStats:
@@ -113,6 +114,7 @@ class GMMFit:
     settings: dict = field(default_factory=dict)
     dense_share: list[float] = field(default_factory=list)  # per iteration: share of chunks on the dense path
     screen_share: list[float] = field(default_factory=list)  # per iteration: share of chunks screened in bf16
+    carried_share: list[float] = field(default_factory=list)  # per iteration: share of rows skipped by the bounds
 
     def labels(self, data: torch.Tensor | np.ndarray | Reader | Rows, **kw) -> torch.Tensor:
         """Hard mode per row (argmax posterior), in chunks; keywords as :func:`predict`."""
@@ -190,6 +192,7 @@ class Workspace:
         self._bufs: dict[str, torch.Tensor] = {}
         self.screen_fails = 0  # consecutive passes in which no chunk passed the bf16 screen
         self.screen_skip = 0  # passes left to run without trying the screen (2^fails − 1 after a failure)
+        self.carry = Carry()  # bounds carried between passes (e_step_stats(reuse_bounds=True))
 
     def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device | str,
             fill_last_col: float | None = None, fill: float | None = None) -> torch.Tensor:
@@ -495,28 +498,119 @@ def _sparse_stats(xa: torch.Tensor, r_idx: torch.Tensor, k_idx: torch.Tensor, *,
 
 
 def _screened_stats(xa: torch.Tensor, r_idx: torch.Tensor, k_idx: torch.Tensor, *, pair_slice: slice,
-                    w: torch.Tensor, perm: torch.Tensor, cut: float, resp_threshold: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(Σ r·xa [K, 2D+1], Σ log p(x) (float64), non-zero responsibilities) of rows ``xa`` from their
-    screened candidate pairs (rows ascending, columns of the permuted ``w``): exact float32 log-densities
-    of the pairs, then the plain path's max → clamp → exp → row sum → sparse statistics on them."""
+                    w: torch.Tensor, perm: torch.Tensor, cut: float, resp_threshold: float,
+                    regular: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+    """(Σ r·xa [K, 2D+1], Σ log p(x) (float64), non-zero responsibilities, per-row top) of rows ``xa`` from
+    their screened candidate pairs (rows ascending, columns of the permuted ``w``): exact log-densities
+    of the pairs, then the plain path's max → clamp → exp → row sum → sparse statistics on them. With
+    ``regular`` (bool [K]) the top is each row's largest log-density over its pairs with a regular mode
+    (−inf where it has none; for :class:`Carry`), else None."""
     n = xa.shape[0]
     v = _exact_pairs(xa, w, r_idx, k_idx)
     k_idx = perm[k_idx]
+    top = None
+    if regular is not None:
+        reg = regular[k_idx]
+        top = torch.full((n,), -math.inf, dtype=xa.dtype, device=xa.device).scatter_reduce_(
+            0, r_idx[reg], v[reg], "amax")
     m = torch.full((n,), -math.inf, dtype=xa.dtype, device=xa.device).scatter_reduce_(0, r_idx, v, "amax")
     v.sub_(m[r_idx]).clamp_min_(cut).exp_()
     tot = torch.zeros(n, dtype=xa.dtype, device=xa.device).index_add_(0, r_idx, v)
-    ll = (m + tot.log()).sum(dtype=torch.float64)
+    ll = (m + tot.log()).sum(dtype=torch.float64) if regular is None else (m + tot.log())[tot > 0].sum(
+        dtype=torch.float64)  # (Carry: rows without pairs are not in this pass)
     keep = (tot * resp_threshold).clamp_min_(math.exp(cut))
     sel = (v > keep[r_idx]).nonzero(as_tuple=True)[0]
     r_idx, k_idx = r_idx[sel], k_idx[sel]
     r = v[sel].div_(tot[r_idx])
-    return _sparse_stats(xa, r_idx, k_idx, pair_slice=slice(None), r=r, k=len(perm)), ll, len(r)
+    return _sparse_stats(xa, r_idx, k_idx, pair_slice=slice(None), r=r, k=len(perm)), ll, len(r), top
+
+
+# Carried bounds (module docstring): the margin, in nats below the cut, down to which a fresh row's regular
+# modes are kept as candidates, so that a row stays skippable while its parameters move by up to ~this much
+CARRY_EXTRA = 16.0
+# a mode is "special" (its pairs are computed for every row, outside the bounds) when its typical |terms| exceed
+# this many times the median mode's: a mode on (nearly) one point (variance ≈ reg_covar) has |−½/v| ~ 1e6 and
+# would otherwise loosen every row's rounding bound
+SPECIAL_RATIO = 16.0
+# a chunk whose fresh rows have more candidate pairs than this share is not carried: its sampled products would
+# cost as much as the dense one
+CARRY_DENSITY = 0.25
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+@dataclass
+class ChunkBounds:
+    """One chunk's carried state: its rows' regular candidate pairs (rows ascending, mode ids) and, per row
+    (float64), ``upper`` ≥ the exact log-density of every other regular mode and ``top`` ≤ that of its best
+    regular candidate, both under the parameters of the last pass."""
+
+    r: torch.Tensor
+    k: torch.Tensor
+    upper: torch.Tensor
+    top: torch.Tensor
+
+
+@dataclass
+class Carry:
+    """Bounds carried from one E-step to the next (exact skipping of the [rows, K] product).
+
+    A row's dense product is skipped when no mode outside its candidates can come within −EXP_CUT of its
+    best one under the new parameters, proven by ``top + cut − upper > 2δ + 2σ``: δ bounds the change of
+    every regular log-density (|Δq_ik| ≤ |xa_i|·max_k |ΔW_·k|, exact arithmetic) and σ the rounding of a
+    computed one (γ_n·|xa_i|·max_k |W_·k|, any summation order). Then only the candidate pairs and the few
+    special modes are evaluated (a sampled product), with the same max → clamp → exp → statistics as the
+    plain path, so the result equals it up to the order of summation (as the bf16 screen's)."""
+
+    w: torch.Tensor | None = None          # float64 copy of the weights of the last pass
+    special: torch.Tensor | None = None    # bool [K] of the last pass
+    chunks: dict[int, ChunkBounds] = field(default_factory=dict)
+    retry: dict[int, int] = field(default_factory=dict)  # untracked (too dense) chunks: passes until a retry
+    fails: dict[int, int] = field(default_factory=dict)
+
+
+def special_modes(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """bool [K]: modes whose typical |terms| (features at their rms ``t``) exceed SPECIAL_RATIO x the median
+    (at most a quarter of the modes)."""
+    d = (w.shape[0] - 1) // 2
+    wa = w.to(torch.float64).abs()
+    typ = (t**2) @ wa[:d] + t @ wa[d:2 * d] + wa[2 * d]
+    big = typ > SPECIAL_RATIO * typ.median()
+    limit = w.shape[1] // 4
+    if int(big.sum()) > limit:
+        big = torch.zeros_like(big)
+        big[torch.topk(typ, limit).indices] = True
+    return big
+
+
+def _finite_abs(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(v), v.abs(), torch.zeros_like(v))
+
+
+def _dense_bounds(p: torch.Tensor, m: torch.Tensor, regular: torch.Tensor, sigma: torch.Tensor, density: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(rows, modes, upper, top) of :class:`ChunkBounds` from a chunk's dense log-densities, given as
+    p = q − m [n, K] (m: the row max [n, 1]) before the clamp; None when more than ``density`` of the pairs
+    are candidates. ``sigma`` bounds each computed q's rounding; 2^-22 of |m| + |p| covers q − m and back."""
+    cut = EXP_CUT[p.dtype]
+    cand = torch.ge(p, cut - CARRY_EXTRA)
+    cand &= regular
+    if int(cand.sum()) > density * cand.numel():
+        return None
+    rr, kk = cand.nonzero(as_tuple=True)
+    pr = p.masked_fill(~regular, -math.inf)
+    best = pr.masked_fill(~cand, -math.inf).amax(1).to(torch.float64)
+    other = pr.masked_fill_(cand, -math.inf).amax(1).to(torch.float64)
+    m64 = m.squeeze(1).to(torch.float64)
+    top = m64 + best - (m64.abs() + _finite_abs(best)) * 2.0**-22 - sigma
+    upper = m64 + other + (m64.abs() + _finite_abs(other)) * 2.0**-22 + sigma
+    return rr, kk, upper, top
 
 
 def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.device | str, dtype: torch.dtype,
                  shift: torch.Tensor | None = None, resp_threshold: float = 0.0, sparse_density: float = 0.02,
-                 workspace: Workspace | None = None, screen: bool | None = None) -> SuffStats:
+                 workspace: Workspace | None = None, screen: bool | None = None,
+                 reuse_bounds: bool = False) -> SuffStats:
     """One fused pass: log-likelihood and the M-step statistics under ``gmm`` (rows minus ``shift``).
 
     Per chunk: xa = [x², x, 1]; lp = xa @ W; lp − max → clamp at EXP_CUT → exp → ÷ row sum (in place,
@@ -526,7 +620,9 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
     Both are summed in the compute dtype within a chunk and in float64 across chunks.
     ``screen`` (default: float32, D ≥ SCREEN_MIN_FEATURES, a CPU with fast bf16) first drops the
     modes that a bf16 product proves to be clamped (module docstring); a chunk with more than
-    ``sparse_density`` candidate pairs takes the plain path.
+    ``sparse_density`` candidate pairs takes the plain path. ``reuse_bounds`` carries per-row bounds in
+    ``workspace`` from one call to the next and skips the dense product of every row they prove
+    unchanged (:class:`Carry`); a chunk too dense for it takes the paths above, retried with backoff.
     """
     k, d = gmm.num_modes, rows.num_features
     ws = workspace or Workspace()
@@ -544,14 +640,91 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
     if screen:
         sc = Screen.build(gmm, w)
         w_perm = sc.w_ext[:, :k].contiguous()
+    reuse = reuse_bounds and sparse_density > 0
+    if reuse:
+        cy = ws.carry
+        wd = w.to(torch.float64)
+        g64 = gmm.to(device, torch.float64)
+        t = ((g64.weights / g64.weights.sum()) @ (g64.means**2 + g64.variances)).sqrt()
+        special = special_modes(wd, t)
+        regular = ~special
+        valid = cy.w is not None and cy.special is not None and torch.equal(cy.special, special)
+        if not valid:
+            cy.chunks.clear()
+        zero = torch.zeros(2 * d + 1, dtype=torch.float64, device=device)
+        u = (wd - cy.w)[:, regular].abs().amax(1) if valid and bool(regular.any()) else zero
+        s_reg = wd[:, regular].abs().amax(1) if bool(regular.any()) else zero
+        # |xa_i|·v ≤ x_i²·(v_x² + v_x/(2t)) + Σ t·v_x/2 + v_1 (|x| ≤ x²/(2t) + t/2 for any t > 0; t = the
+        # features' rms, where it is tight): one product with the x² block of xa, no |x| pass
+        tt = t.clamp_min(1e-12)
+        v = torch.stack([u, s_reg], 1)                                        # [2D+1, 2]
+        coef = (v[:d] + v[d:2 * d] / (2 * tt[:, None])).to(dtype)             # [D, 2]
+        const = (tt[:, None] * v[d:2 * d]).sum(0) / 2 + v[2 * d]              # [2]
+        n_terms, ur = 2 * d + 1, UNIT_ROUNDOFF[dtype]
+        gamma = n_terms * ur / (1 - n_terms * ur)
+        ident = torch.arange(k, device=device)
     loglik = torch.zeros((), dtype=torch.float64, device=device)
-    for _, x in rows.chunks(chunk_rows, device, dtype):
+    for start, x in rows.chunks(chunk_rows, device, dtype):
         n = len(x)
         xa = augment_into(ws.get("xa", n, 2 * d + 1, dtype, device, fill_last_col=1.0), x, shift)
-        pairs = _screen_candidates(xa, sc, ws, cut, sparse_density) if screen else None
+        track = None
+        if reuse and cy.retry.get(start, 0) > 0:
+            cy.retry[start] -= 1
+        elif reuse:
+            # 1% covers the rounding of this product of non-negative terms
+            b = ((xa[:, :d] @ coef).to(torch.float64) + const) * 1.01
+            delta, sigma = b[:, 0], b[:, 1] * gamma
+            cb = cy.chunks.pop(start, None) if valid else None
+            ok = (cb.top + cut - cb.upper > 2 * delta + 2 * sigma if cb is not None
+                  else torch.zeros(n, dtype=torch.bool, device=device))
+            if cb is not None and not bool(ok.any()):
+                # the parameters moved too much for every row: no bounds (nor their cost) for a while
+                cy.fails[start] = cy.fails.get(start, 0) + 1
+                cy.retry[start] = 2 ** min(cy.fails[start], 4) - 1
+            else:
+                none = torch.zeros(0, dtype=torch.long, device=device)
+                new = ChunkBounds(none, none,
+                                  torch.full((n,), math.inf, dtype=torch.float64, device=device),
+                                  torch.full((n,), -math.inf, dtype=torch.float64, device=device))
+                pairs_r, pairs_k = [], []
+                carried = ok.nonzero().squeeze(1)
+                if len(carried):
+                    # rows the bounds prove unchanged: their candidates and the special modes, exact on the pairs
+                    # (the other rows have no pairs here: they are not in this sum)
+                    keep = ok[cb.r]
+                    rc, kc = cb.r[keep], cb.k[keep]
+                    sp = special.nonzero().squeeze(1)
+                    if len(sp):
+                        rc = torch.cat([rc, carried.repeat_interleave(len(sp))])
+                        kc = torch.cat([kc, sp.repeat(len(carried))])
+                        order = torch.argsort(rc, stable=True)
+                        rc, kc = rc[order], kc[order]
+                    tops = []
+                    for acc, ll, nnz, top in _row_parallel(_screened_stats, xa, rc, kc, w=w, perm=ident, cut=cut,
+                                                           resp_threshold=resp_threshold, regular=regular):
+                        st.acc += acc.to(torch.float64)
+                        loglik += ll
+                        st.nnz += nnz
+                        tops.append(top)
+                    new.top[carried] = torch.cat(tops).to(torch.float64)[carried] - sigma[carried]
+                    new.upper[carried] = cb.upper[carried] + delta[carried]
+                    reg = regular[kc]
+                    pairs_r.append(rc[reg])
+                    pairs_k.append(kc[reg])
+                    st.carried_rows += len(carried)
+                    st.n += len(carried)
+                fresh = (~ok).nonzero().squeeze(1)
+                if len(fresh) == 0:
+                    new.r, new.k = torch.cat(pairs_r), torch.cat(pairs_k)
+                    cy.chunks[start] = new
+                    continue
+                if len(fresh) < n:  # the rest of this pass works on the fresh rows only
+                    xa, n = xa[fresh], len(fresh)
+                track = (new, pairs_r, pairs_k, fresh, sigma[fresh])
+        pairs = _screen_candidates(xa, sc, ws, cut, sparse_density) if screen and track is None else None
         if pairs is not None:
-            for acc, ll, nnz in _row_parallel(_screened_stats, xa, *pairs, w=w_perm, perm=sc.perm, cut=cut,
-                                              resp_threshold=resp_threshold):
+            for acc, ll, nnz, _ in _row_parallel(_screened_stats, xa, *pairs, w=w_perm, perm=sc.perm, cut=cut,
+                                                 resp_threshold=resp_threshold):
                 st.acc += acc.to(torch.float64)
                 loglik += ll
                 st.nnz += nnz
@@ -560,7 +733,21 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
             continue
         p = torch.mm(xa, w, out=ws.get("p", n, k, dtype, device))   # [n, K] log w_k + log N(x | k)
         m = p.amax(1, keepdim=True)
-        p.sub_(m).clamp_min_(cut).exp_()
+        p.sub_(m)
+        if track is not None:
+            new, pairs_r, pairs_k, fresh, sig = track
+            got = _dense_bounds(p, m, regular, sig, CARRY_DENSITY)
+            if got is None:  # too dense to carry: the chunk leaves the bounds for a while
+                cy.fails[start] = cy.fails.get(start, 0) + 1
+                cy.retry[start] = 2 ** min(cy.fails[start], 4) - 1
+            else:
+                rr, kk, new.upper[fresh], new.top[fresh] = got
+                r_all, k_all = torch.cat([*pairs_r, fresh[rr]]), torch.cat([*pairs_k, kk])
+                order = torch.argsort(r_all, stable=True)
+                new.r, new.k = r_all[order], k_all[order]
+                cy.chunks[start] = new
+                cy.fails.pop(start, None)
+        p.clamp_min_(cut).exp_()
         tot = p.sum(1, keepdim=True)
         loglik += (m + tot.log()).sum(dtype=torch.float64)
         keep = (tot * resp_threshold).clamp_min_(floor)   # [n, 1]: entries above this are non-zero
@@ -580,6 +767,8 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
     if screen:
         ws.screen_fails = 0 if st.screened_chunks else ws.screen_fails + 1
         ws.screen_skip = 2 ** min(ws.screen_fails, 4) - 1
+    if reuse:
+        cy.w, cy.special = wd, special
     st.loglik = float(loglik)
     return st
 
@@ -628,13 +817,15 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
                  chunk_rows: int | None = None, center: bool | None = None, resp_threshold: float = 0.0,
                  sparse_density: float = 0.02, num_rows: int | None = None, progress: bool = False,
-                 screen: bool | None = None) -> GMMFit:
+                 screen: bool | None = None, reuse_bounds: bool = False) -> GMMFit:
     """Fit a K-mode diagonal GMM by EM (see the module docstring for the algorithm and the options).
 
     ``data`` is a [N, D] tensor/array (kept where it is; chunks are moved to ``device``), a
     ``read(start, stop)`` callable with ``num_rows``, or a :class:`Rows`. ``center`` (default: on for
     float32) subtracts the data mean before the matrix products; results are in the data's coordinates.
     ``screen``: the bf16 screen of :func:`e_step_stats` (default: float32, D ≥ 128, CPU with fast bf16).
+    ``reuse_bounds``: skip the dense product of rows whose carried bounds prove it unchanged (:class:`Carry`;
+    opt-in: measured on one Intel Xeon only, see benchmarks/RESULTS.md).
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -693,6 +884,7 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
     trace: list[float] = []
     dense_share: list[float] = []
     screen_share: list[float] = []
+    carried_share: list[float] = []
     num_chunks = -(-n // chunk_rows)
     ws = Workspace()
     converged = False
@@ -702,17 +894,19 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
     for n_iter in bar:
         st = e_step_stats(gmm, rows, chunk_rows=chunk_rows, device=device, dtype=dtype, shift=_cast(shift, dtype),
                           resp_threshold=resp_threshold, sparse_density=sparse_density, workspace=ws,
-                          screen=screen)
+                          screen=screen, reuse_bounds=reuse_bounds)
         ll = st.loglik / n
         if not math.isfinite(ll):
             raise FloatingPointError(f"EM iteration {n_iter}: log-likelihood is {ll} (degenerate data or modes)")
         trace.append(ll)
         dense_share.append(st.dense_chunks / num_chunks)
         screen_share.append(st.screened_chunks / num_chunks)
+        carried_share.append(st.carried_rows / n)
         gmm = st.m_step(reg_covar)
         bar.set_postfix(ll=f"{ll:.6g}", dense=st.dense_chunks)
-        log.debug("EM iteration %d: mean log-likelihood %.10g; %d dense chunks, %d screened, %d sparse "
-                  "responsibilities", n_iter, ll, st.dense_chunks, st.screened_chunks, st.nnz)
+        log.debug("EM iteration %d: mean log-likelihood %.10g; %d dense chunks, %d screened, %d rows carried, "
+                  "%d sparse responsibilities", n_iter, ll, st.dense_chunks, st.screened_chunks, st.carried_rows,
+                  st.nnz)
         if abs(ll - prev) < tol:
             converged = True
             break
@@ -722,7 +916,7 @@ def fit_diag_gmm(data: torch.Tensor | np.ndarray | Reader | Rows, n_components: 
     gmm = gmm.to("cpu", torch.float64)
     settings = {"chunk_rows": chunk_rows, "device": device, "dtype": dtype}
     return GMMFit(gmm, trace, n_iter, converged, init_name, time.perf_counter() - t0, init_seconds, seed_rows,
-                  settings, dense_share, screen_share)
+                  settings, dense_share, screen_share, carried_share)
 
 
 def fit_sklearn(x: np.ndarray, n_components: int, *, reg_covar: float = 1e-6, max_iter: int = 100,

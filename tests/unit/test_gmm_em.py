@@ -327,3 +327,59 @@ def test_bf16_screen_is_chosen_by_a_measured_probe_cached_per_machine(tmp_path, 
     assert em.bf16_probe()["fast"] is False and len(calls) == n
     assert em._cpu_key() in json.loads((tmp_path / "bf16_probe.json").read_text())
     em.bf16_probe.cache_clear()
+
+
+def _carry_fits(x: np.ndarray, k: int, **kw):
+    xt = torch.from_numpy(x).float()
+    on = fit_diag_gmm(xt, k, dtype=torch.float32, screen=False, reuse_bounds=True, **kw)
+    off = fit_diag_gmm(xt, k, dtype=torch.float32, screen=False, reuse_bounds=False, **kw)
+    assert on.seed_rows == off.seed_rows and sum(off.carried_share) == 0
+    return on, off
+
+
+def test_carried_bounds_skip_rows_and_change_only_the_summation_order():
+    """Well separated modes: once the parameters settle, the bounds prove every row's candidates unchanged, so
+    the dense product is skipped; the fit is as close to the float64 one as the plain float32 fit."""
+    x = mixture_data(6000, 32, 40, seed=11, sep=3.0) + 5.0
+    kw = dict(tol=0, max_iter=12, seed=2, chunk_rows=2500)  # chunks of 2500, 2500 and 1000 rows
+    on, off = _carry_fits(x, 40, **kw)
+    f64 = fit_diag_gmm(x, 40, **kw)
+    assert on.carried_share[0] == 0 and max(on.carried_share) > 0.9, on.carried_share
+    np.testing.assert_allclose(on.log_likelihood, off.log_likelihood, rtol=1e-6)
+    for name in ("means", "variances", "weights"):  # float32 accuracy (~1e-6 of the largest value) on both
+        ref = getattr(f64.gmm, name).numpy()
+        err_on, err_off = (np.abs(getattr(f.gmm, name).numpy() - ref).max() / np.abs(ref).max() for f in (on, off))
+        assert err_on <= 4 * err_off + 1e-6 and err_on < 1e-5, (name, err_on, err_off)
+
+
+def test_carried_bounds_change_nothing_on_overlapping_data():
+    """Heavily overlapping modes: the bounds never hold (or the chunks are too dense), so every pass is the plain
+    float32 one, bit for bit."""
+    x = mixture_data(3000, 16, 10, seed=12, sep=0.1)
+    on, off = _carry_fits(x, 32, tol=0, max_iter=6, seed=3)
+    np.testing.assert_allclose(on.log_likelihood, off.log_likelihood, rtol=1e-12)
+    np.testing.assert_allclose(on.gmm.means.numpy(), off.gmm.means.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_carried_bounds_do_not_miss_a_moved_mode():
+    """Two passes at the same parameters carry every row; then a mode moved onto another mode's rows voids the
+    proof (the change bound covers every mode), and the pass is the plain one: nothing is skipped wrongly."""
+    from sourceflow.gmm.em import Workspace, e_step_stats
+
+    x = torch.from_numpy(mixture_data(4000, 24, 8, seed=14, sep=3.0)).float()
+    g = fit_diag_gmm(x, 8, tol=0, max_iter=8, seed=0, dtype=torch.float32).gmm
+    rows, kw = Rows(x), dict(chunk_rows=1500, device="cpu", dtype=torch.float32, screen=False)
+    ws = Workspace()
+    first = e_step_stats(g, rows, workspace=ws, reuse_bounds=True, **kw)
+    again = e_step_stats(g, rows, workspace=ws, reuse_bounds=True, **kw)
+    assert first.carried_rows == 0 and again.carried_rows == len(x)
+    np.testing.assert_allclose(again.acc.numpy(), first.acc.numpy(), rtol=1e-5, atol=1e-6 * first.acc.abs().max().item())
+    moved_to = int(predict(g, x)[0])
+    means = g.means.clone()
+    means[(moved_to + 1) % 8] = means[moved_to] + 0.05  # another mode lands on mode moved_to's rows
+    g2 = DiagGMM(g.weights, means, g.variances)
+    on = e_step_stats(g2, rows, workspace=ws, reuse_bounds=True, **kw)
+    off = e_step_stats(g2, rows, workspace=Workspace(), **kw)
+    assert on.carried_rows == 0
+    np.testing.assert_allclose(on.acc.numpy(), off.acc.numpy(), rtol=1e-12)
+    assert on.loglik == off.loglik
