@@ -598,9 +598,13 @@ def _dense_bounds(p: torch.Tensor, m: torch.Tensor, regular: torch.Tensor, sigma
     if int(cand.sum()) > density * cand.numel():
         return None
     rr, kk = cand.nonzero(as_tuple=True)
-    pr = p.masked_fill(~regular, -math.inf)
-    best = pr.masked_fill(~cand, -math.inf).amax(1).to(torch.float64)
-    other = pr.masked_fill_(cand, -math.inf).amax(1).to(torch.float64)
+    if bool(regular.all()):  # the row max is a (regular) candidate: p = 0 there
+        best = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
+        other = p.masked_fill(cand, -math.inf).amax(1).to(torch.float64)
+    else:
+        pr = p.masked_fill(~regular, -math.inf)
+        best = pr.masked_fill(~cand, -math.inf).amax(1).to(torch.float64)
+        other = pr.masked_fill_(cand, -math.inf).amax(1).to(torch.float64)
     m64 = m.squeeze(1).to(torch.float64)
     top = m64 + best - (m64.abs() + _finite_abs(best)) * 2.0**-22 - sigma
     upper = m64 + other + (m64.abs() + _finite_abs(other)) * 2.0**-22 + sigma
@@ -670,17 +674,19 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
         track = None
         if reuse and cy.retry.get(start, 0) > 0:
             cy.retry[start] -= 1
-        elif reuse:
+        elif reuse and valid:  # (the first pass only records the parameters: δ needs two)
             # 1% covers the rounding of this product of non-negative terms
             b = ((xa[:, :d] @ coef).to(torch.float64) + const) * 1.01
             delta, sigma = b[:, 0], b[:, 1] * gamma
-            cb = cy.chunks.pop(start, None) if valid else None
+            cb = cy.chunks.pop(start, None)
             ok = (cb.top + cut - cb.upper > 2 * delta + 2 * sigma if cb is not None
                   else torch.zeros(n, dtype=torch.bool, device=device))
             if cb is not None and not bool(ok.any()):
                 # the parameters moved too much for every row: no bounds (nor their cost) for a while
                 cy.fails[start] = cy.fails.get(start, 0) + 1
                 cy.retry[start] = 2 ** min(cy.fails[start], 4) - 1
+            elif cb is None and float(delta.median()) >= CARRY_EXTRA:
+                pass  # still moving fast: the next pass could not use bounds taken now, so none are taken
             else:
                 none = torch.zeros(0, dtype=torch.long, device=device)
                 new = ChunkBounds(none, none,

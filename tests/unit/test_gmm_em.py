@@ -362,16 +362,16 @@ def test_carried_bounds_change_nothing_on_overlapping_data():
 
 
 def test_carried_bounds_do_not_miss_a_moved_mode():
-    """Two passes at the same parameters carry every row; then a mode moved onto another mode's rows voids the
-    proof (the change bound covers every mode), and the pass is the plain one: nothing is skipped wrongly."""
+    """At fixed parameters the first pass records them, the second takes the bounds and the third carries every
+    row; then a mode moved onto another mode's rows voids the proof (the change bound covers every mode), and the
+    pass is the plain one: nothing is skipped wrongly."""
     from sourceflow.gmm.em import Workspace, e_step_stats
 
     x = torch.from_numpy(mixture_data(4000, 24, 8, seed=14, sep=3.0)).float()
     g = fit_diag_gmm(x, 8, tol=0, max_iter=8, seed=0, dtype=torch.float32).gmm
     rows, kw = Rows(x), dict(chunk_rows=1500, device="cpu", dtype=torch.float32, screen=False)
     ws = Workspace()
-    first = e_step_stats(g, rows, workspace=ws, reuse_bounds=True, **kw)
-    again = e_step_stats(g, rows, workspace=ws, reuse_bounds=True, **kw)
+    first, _, again = [e_step_stats(g, rows, workspace=ws, reuse_bounds=True, **kw) for _pass in range(3)]
     assert first.carried_rows == 0 and again.carried_rows == len(x)
     np.testing.assert_allclose(again.acc.numpy(), first.acc.numpy(), rtol=1e-5, atol=1e-6 * first.acc.abs().max().item())
     moved_to = int(predict(g, x)[0])
