@@ -215,6 +215,12 @@ def test_stage_on_toy_data_both_backends_and_errors(tmp_path):
     assert reps["torch"]["iterations"] == reps["sklearn"]["iterations"]
     np.testing.assert_allclose(reps["torch"]["log_likelihood"], reps["sklearn"]["log_likelihood"], rtol=1e-9)
     assert reps["torch"]["hard_label_counts"] == reps["sklearn"]["hard_label_counts"]
+    out = tmp_path / "bounds" / "cls_K3.safetensors"  # the carried bounds: the same fit (float64: bit for bit here)
+    res = run_stage("--data", str(tmp_path / "toy.safetensors"), "--components", "3", "--reuse-bounds", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["reuse_bounds"] is True and len(rep["carried_share"]) == rep["iterations"] == reps["torch"]["iterations"]
+    np.testing.assert_allclose(rep["log_likelihood"], reps["torch"]["log_likelihood"], rtol=1e-12)
     both = run_stage("--data", "a", "--store", "b", "--components", "3", "--out", str(tmp_path / "g.safetensors"))
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
     missing = run_stage("--store", str(tmp_path / "none.zarr"), "--components", "3", "--out",

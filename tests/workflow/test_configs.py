@@ -53,3 +53,17 @@ def test_config_dry_run_plans_every_experiment(repo, name):
         assert planned == features, f"{name}: datasets.{ds_name}.reference.features"
     for text in EXPECT.get(name, []):
         assert text in out, f"{name}: {text!r} not in the dry run"
+
+
+def test_gmm_reuse_bounds_key_reaches_the_fit(repo, tmp_path):
+    """`gmm[].reuse_bounds: true` (a small file layered over the default) adds --reuse-bounds to that fit only."""
+    over = tmp_path / "bounds.yaml"
+    over.write_text("datasets:\n  digits:\n    gmm:\n"
+                    "      - {encoder: pixels, components: [10], variance: spherical, reuse_bounds: true}\n")
+    fits = {}
+    for args in ((), ("--configfile", "config/config.yaml", str(over))):
+        out = snakemake(repo, "-n", "-p", "--forceall", *args).stdout
+        fits[bool(args)] = [ln for ln in out.splitlines() if "stages/fit_cls_gmm.py" in ln]
+    assert fits[False] and fits[True] and len(fits[False]) == len(fits[True])
+    assert not any("--reuse-bounds" in ln for ln in fits[False])
+    assert [("--store" in ln) for ln in fits[True] if "--reuse-bounds" in ln] == [True]  # digits, not moons' K=8

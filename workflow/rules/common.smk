@@ -439,7 +439,8 @@ def cls_gmm_args(wc, input):
     g = gmm_spec(wc)
     src = f"--data {shq(input.data)}" if "data" in input.keys() else f"--store {shq(latents_store(wc.dataset, wc.encoder))}"
     return (f"{src} --backend {g['backend']} --max-iter {g['max_iter']} --tol {g['tol']} "
-            f"--reg-covar {g['reg_covar']} --chunk-rows {g['chunk_rows']} --init {g.get('init', 'k-means++')}")
+            f"--reg-covar {g['reg_covar']} --chunk-rows {g['chunk_rows']} --init {g.get('init', 'k-means++')}"
+            + (" --reuse-bounds" if g.get("reuse_bounds") else ""))
 
 
 def gmm_device(wc, resources):
