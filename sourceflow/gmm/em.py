@@ -526,7 +526,7 @@ def _screened_stats(xa: torch.Tensor, r_idx: torch.Tensor, k_idx: torch.Tensor, 
     return _sparse_stats(xa, r_idx, k_idx, pair_slice=slice(None), r=r, k=len(perm)), ll, len(r), top
 
 
-# Carried bounds (module docstring): the margin, in nats below the cut, down to which a fresh row's regular
+# Carried bounds (:class:`Carry`): the margin, in nats below the cut, down to which a fresh row's regular
 # modes are kept as candidates, so that a row stays skippable while its parameters move by up to ~this much
 CARRY_EXTRA = 16.0
 # a mode is "special" (its pairs are computed for every row, outside the bounds) when its typical |terms| exceed
