@@ -352,6 +352,18 @@ def screen_groups(k: int, max_groups: int = 16, singles: int = 8) -> list[int]:
     return sizes[::-1]
 
 
+def feature_rms(gmm: DiagGMM) -> torch.Tensor:
+    """[D] the mixture's rms of each feature (clamped above 0): where the |x| ≤ x²/(2t) + t/2 bound is tight."""
+    return ((gmm.weights / gmm.weights.sum()) @ (gmm.means**2 + gmm.variances)).sqrt().clamp_min(1e-30)
+
+
+def abs_bound(v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coef [D, m], const [m]) with |xa|·v ≤ x²·coef + const for non-negative v [2D+1, m] and any row
+    xa = [x², x, 1], by |x_j| ≤ x_j²/(2t_j) + t_j/2 (t > 0): one product with the x² block, no |x| pass."""
+    d = (v.shape[0] - 1) // 2
+    return v[:d] + v[d:2 * d] / (2 * t[:, None]), v[2 * d] + (v[d:2 * d] * t[:, None]).sum(0) / 2
+
+
 @dataclass
 class Screen:
     """The bf16 screen's product matrix [2D+1, K+G]: ``w`` with its modes permuted (``perm``: column ->
@@ -376,10 +388,8 @@ class Screen:
         group (zero on the x rows). Every product xa_ij·s_gj is ≥ 0, so its bf16 product is ≥ (1−c)·S."""
         d = (w.shape[0] - 1) // 2
         g = gmm.to(w.device, torch.float64)
-        t = ((g.weights / g.weights.sum()) @ (g.means**2 + g.variances)).sqrt().clamp_min(1e-30)
-        wa = w.to(torch.float64).abs()
-        s_k = wa[:d] + wa[d:2 * d] / (2 * t[:, None])                       # [D, K]
-        c_k = wa[2 * d] + (wa[d:2 * d] * t[:, None]).sum(0) / 2              # [K]
+        t = feature_rms(g)
+        s_k, c_k = abs_bound(w.to(torch.float64).abs(), t)                   # [D, K], [K]
         perm = torch.argsort(t**2 @ s_k + c_k)                              # typical bound, ascending
         cols, bounds, start = [], [], 0
         for size in screen_groups(len(perm)):
@@ -648,8 +658,7 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
     if reuse:
         cy = ws.carry
         wd = w.to(torch.float64)
-        g64 = gmm.to(device, torch.float64)
-        t = ((g64.weights / g64.weights.sum()) @ (g64.means**2 + g64.variances)).sqrt()
+        t = feature_rms(gmm.to(device, torch.float64))
         special = special_modes(wd, t)
         regular = ~special
         valid = cy.w is not None and cy.special is not None and torch.equal(cy.special, special)
@@ -658,12 +667,8 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
         zero = torch.zeros(2 * d + 1, dtype=torch.float64, device=device)
         u = (wd - cy.w)[:, regular].abs().amax(1) if valid and bool(regular.any()) else zero
         s_reg = wd[:, regular].abs().amax(1) if bool(regular.any()) else zero
-        # |xa_i|·v ≤ x_i²·(v_x² + v_x/(2t)) + Σ t·v_x/2 + v_1 (|x| ≤ x²/(2t) + t/2 for any t > 0; t = the
-        # features' rms, where it is tight): one product with the x² block of xa, no |x| pass
-        tt = t.clamp_min(1e-12)
-        v = torch.stack([u, s_reg], 1)                                        # [2D+1, 2]
-        coef = (v[:d] + v[d:2 * d] / (2 * tt[:, None])).to(dtype)             # [D, 2]
-        const = (tt[:, None] * v[d:2 * d]).sum(0) / 2 + v[2 * d]              # [2]
+        coef, const = abs_bound(torch.stack([u, s_reg], 1), t)              # [D, 2], [2]: δ and σ / γ
+        coef = coef.to(dtype)
         n_terms, ur = 2 * d + 1, UNIT_ROUNDOFF[dtype]
         gamma = n_terms * ur / (1 - n_terms * ur)
         ident = torch.arange(k, device=device)
@@ -685,9 +690,9 @@ def e_step_stats(gmm: DiagGMM, rows: Rows, *, chunk_rows: int, device: torch.dev
                 # the parameters moved too much for every row: no bounds (nor their cost) for a while
                 cy.fails[start] = cy.fails.get(start, 0) + 1
                 cy.retry[start] = 2 ** min(cy.fails[start], 4) - 1
-            elif cb is None and float(delta.median()) >= CARRY_EXTRA:
-                pass  # still moving fast: the next pass could not use bounds taken now, so none are taken
-            else:
+            # without bounds yet, take them only once the parameters move slowly (while the median row's change
+            # bound is above CARRY_EXTRA, the next pass could not use them)
+            elif cb is not None or float(delta.median()) < CARRY_EXTRA:
                 none = torch.zeros(0, dtype=torch.long, device=device)
                 new = ChunkBounds(none, none,
                                   torch.full((n,), math.inf, dtype=torch.float64, device=device),
