@@ -154,9 +154,30 @@ def create_sharded_group(path: str | Path, arrays: dict[str, tuple[Sequence[int]
                                          "complete": False}))
             (tmp / DONE_DIR).mkdir()
             os.replace(tmp, path)
+    except BaseException:
+        settle_zarr_writes()  # a sibling write still in flight would recreate the folder after the removal
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def settle_zarr_writes() -> None:
+    """Wait until every write Zarr has in flight has ended.
+
+    Zarr gathers a node's metadata writes (the array's ``zarr.json`` and its parents') concurrently and raises
+    on the first failure (ENOSPC) while the others run on in its IO threads; LocalStore's ``mkdir(parents=True)``
+    then recreates a folder that the cleanup removed meanwhile. Called after a failed write, before cleaning up.
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not me), return_exceptions=True)
+
+    sync(drain())
 
 
 class ShardedWriter:

@@ -58,6 +58,7 @@ import pytest
 import torch
 
 from sourceflow import cli
+from sourceflow.store.sharded import create_sharded_group
 
 from .test_store import random_store
 
@@ -330,7 +331,7 @@ def case_sample_store(damage: Callable[[Path], Path]) -> Callable:
     """The image sample store as evaluate reads it (``sourceflow.sampling.open_sample_store``), through ``cli.run``."""
     def run(tmp: Path, toy, monkeypatch, capsys):
         from sourceflow.sampling import open_sample_store
-        from sourceflow.store.sharded import ShardedWriter, create_sharded_group
+        from sourceflow.store.sharded import ShardedWriter
 
         p = tmp / "euler-2" / "samples.zarr"
         create_sharded_group(p, {"images": ((12, 4, 4, 3), "uint8"), "energy": ((12,), "float32")}, 4, {})
@@ -389,3 +390,29 @@ def test_damaged_input_is_one_line(case, tmp_path, toy, monkeypatch, capsys):
     for o in outputs:
         assert not o.exists(), f"{o} was written"
     assert leftovers(tmp_path) == []
+
+
+def test_failed_store_creation_waits_for_zarr_writes_before_removing_its_folder(tmp_path, monkeypatch):
+    """Zarr writes an array's metadata and its parent's concurrently and raises on the first failure while the
+    other write runs on (and its ``mkdir(parents=True)`` recreates the folder): the atomic creation must wait for
+    it before removing the temporary folder, or a full disk leaves a stray ``.name.*.tmp`` behind (seen in CI)."""
+    import errno
+    import time
+
+    import zarr.storage._local as local
+
+    put = local._put
+
+    def racing_put(path, value, exclusive=False):
+        if path.parent.name == "images":  # the array's zarr.json fails at once, as on a full disk
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        if path.name == "zarr.json" and path.parent.name.endswith(".tmp") and exclusive:
+            time.sleep(0.4)  # the parent group's write, still running when the failure is raised
+        return put(path, value, exclusive=exclusive)
+
+    monkeypatch.setattr(local, "_put", racing_put)
+    with pytest.raises(OSError) as e:
+        create_sharded_group(tmp_path / "s.zarr", {"images": ((8, 2), "uint8")}, 4, {})
+    assert e.value.errno == errno.ENOSPC
+    time.sleep(0.6)  # past the slow write: nothing may reappear
+    assert list(tmp_path.iterdir()) == []
