@@ -53,8 +53,6 @@ def main() -> None:
     a = p.parse_args()
     cli.set_threads(a.threads)
 
-    import shutil
-    import tempfile
 
     import numpy as np
     import pandas as pd
@@ -65,7 +63,7 @@ def main() -> None:
     from sourceflow.encoders.text import load_text_encoder
     from sourceflow.io import read_json, replace_dir
     from sourceflow.progress import bar
-    from sourceflow.store.sharded import chunk_rows
+    from sourceflow.store.sharded import chunk_rows, temp_store_dir
 
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {a.batch_size}")
@@ -101,9 +99,7 @@ def main() -> None:
               "(raise --max-length)", file=sys.stderr)
 
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with temp_store_dir(out) as tmp:
         g = zarr.open_group(tmp, mode="w", zarr_format=3)
         cr = min(a.batch_size, max(n, 1))  # rows per shard: one batch is one whole-shard write
         shapes = {"tokens": ((n, keep, E), a.dtype, 0.0), "mask": ((n, keep), "uint8", 0),
@@ -127,9 +123,6 @@ def main() -> None:
             arrs["pooled"][start:stop] = pooled.cpu().numpy()
         g.attrs.update({"complete": True})
         replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     print(f"wrote {out}: {n} captions of split {a.split!r}, tokens [{n}, {keep}, {E}] {a.dtype} ({enc.name}), "
           f"{truncated} truncated")
 

@@ -14,11 +14,12 @@ report as one line; the store stays incomplete and resumes once space is freed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,23 +138,30 @@ def create_sharded_group(path: str | Path, arrays: dict[str, tuple[Sequence[int]
     rows = {int(shape[0]) for shape, _ in arrays.values()}
     if len(rows) != 1 or min(rows) < 1:
         raise ValueError(f"{path}: every array needs the same positive number of rows, got {sorted(rows)}")
+    with temp_store_dir(path) as tmp, naming_full_disk(path):  # names the store, not the temporary folder
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        codecs = compressors(compressor)
+        for name, (shape, dtype) in arrays.items():
+            shape = tuple(int(s) for s in shape)
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+            group.create_array(name, shape=shape, dtype=dtype,
+                               chunks=(chunk_rows(shard_rows, row_bytes), *shape[1:]),
+                               shards=(shard_rows, *shape[1:]), compressors=codecs, fill_value=0,
+                               config={"write_empty_chunks": True})
+        group.attrs.update(jsonable({**attrs, "shard_rows": int(shard_rows), "compressor": compressor,
+                                     "complete": False}))
+        (tmp / DONE_DIR).mkdir()
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def temp_store_dir(path: Path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` for building a Zarr store that the caller renames to ``path``;
+    removed if it is still there at the end, after Zarr's in-flight writes have ended (see below)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        with naming_full_disk(path):  # names the store, not the temporary folder that is removed
-            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            codecs = compressors(compressor)
-            for name, (shape, dtype) in arrays.items():
-                shape = tuple(int(s) for s in shape)
-                row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-                group.create_array(name, shape=shape, dtype=dtype,
-                                   chunks=(chunk_rows(shard_rows, row_bytes), *shape[1:]),
-                                   shards=(shard_rows, *shape[1:]), compressors=codecs, fill_value=0,
-                                   config={"write_empty_chunks": True})
-            group.attrs.update(jsonable({**attrs, "shard_rows": int(shard_rows), "compressor": compressor,
-                                         "complete": False}))
-            (tmp / DONE_DIR).mkdir()
-            os.replace(tmp, path)
+        yield tmp
     except BaseException:
         settle_zarr_writes()  # a sibling write still in flight would recreate the folder after the removal
         raise
