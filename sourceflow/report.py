@@ -148,40 +148,57 @@ def run_means(df: pd.DataFrame, metric: str, entry: str) -> pd.DataFrame:
 METRIC_LABELS = {"w2sq": "W2² to held-out data", "fd": "FD to the training images (feature statistics)"}
 
 
+SOLVER_STYLES = (("euler", "o", "-"), ("heun", "s", "--"), ("midpoint", "^", ":"))
+
+
 def w2_vs_nfe_png(path: str | Path, df: pd.DataFrame, metric: str = "w2sq",
                   floors: dict[str, float] | None = None) -> None:
     """One panel per dataset: the metric (W2² for toy data, FD for images) against NFE for each
-    experiment (mean ± std over seeds), with the data's own score (``floors``) as a dashed line."""
+    experiment (mean ± std over seeds), with the data's own score (``floors``) as a dashed line.
+
+    One colour per experiment (tab20 past ten, so no two share one); the legend, beside the panel so it
+    hides no curve, names each experiment once and keys the markers: a line per fixed-step solver, a
+    star at dopri5's mean NFE."""
     plt = _plt()
+    from matplotlib.lines import Line2D
+
     d = df[df.metric == metric]
     if d.empty:
         raise ValueError(f"no {metric!r} values to plot")
     datasets = sorted(d.dataset.unique())
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(8.5 * len(datasets), 4.2), squeeze=False)
     for ax, ds in zip(axes[0], datasets, strict=True):
-        for exp, de in d[d.dataset == ds].groupby("experiment"):
-            color = None
-            for solver, marker, ls in (("euler", "o", "-"), ("heun", "s", "--"), ("midpoint", "^", ":")):
+        dd = d[d.dataset == ds]
+        names = sorted(dd.experiment.unique())
+        cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        handles, solvers = [], []
+        for i, (exp, de) in enumerate(dd.groupby("experiment")):
+            color = cmap(i % cmap.N)
+            for solver, marker, ls in SOLVER_STYLES:
                 ds_ = de[de.solver == solver].groupby("steps").agg(nfe=("nfe", "mean"), m=("value", "mean"),
                                                                      s=("value", "std")).reset_index()
                 if len(ds_):
-                    line = ax.errorbar(ds_.nfe, ds_.m, yerr=ds_.s.fillna(0), marker=marker, ls=ls, capsize=2,
-                                       label=f"{exp} ({solver})")
-                    color = line[0].get_color()
+                    ax.errorbar(ds_.nfe, ds_.m, yerr=ds_.s.fillna(0), marker=marker, ls=ls, capsize=2, color=color)
+                    solvers += [(solver, marker, ls)] if (solver, marker, ls) not in solvers else []
             ad = de[de.solver == "dopri5"]
             if len(ad):
                 ax.errorbar(ad.nfe.mean(), ad.value.mean(), xerr=ad.nfe.std() if len(ad) > 1 else 0,
-                            yerr=ad.value.std() if len(ad) > 1 else 0, marker="*", ms=12, color=color, ls="none",
-                            label=f"{exp} (dopri5)")
+                            yerr=ad.value.std() if len(ad) > 1 else 0, marker="*", ms=12, color=color, ls="none")
+                solvers += [("dopri5 (mean NFE)", "*", "none")] if ("dopri5 (mean NFE)", "*", "none") not in \
+                    solvers else []
+            handles.append(Line2D([], [], color=color, lw=6, label=exp))
         if floors and ds in floors:
-            ax.axhline(floors[ds], color="0.4", ls="--", lw=1, label="data vs data (floor)")
+            ax.axhline(floors[ds], color="0.4", ls="--", lw=1)
+            handles.append(Line2D([], [], color="0.4", ls="--", lw=1, label="data vs data (floor)"))
+        handles += [Line2D([], [], color="k", marker=m, ls=ls, ms=10 if m == "*" else 6, label=name)
+                    for name, m, ls in solvers]
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("NFE (function evaluations)")
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         ax.set_title(ds)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     _save(fig, path)
 
 

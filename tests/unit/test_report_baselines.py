@@ -257,3 +257,28 @@ def test_grid_entries_show_what_was_sampled():
     assert grid_entries(df, "b", [1, 2, 4, 50]) == ["euler-2"]
     assert grid_entries(df, "a", [49], limit=3) == ["euler-1", "euler-4", "euler-49"]  # chosen first, shown by NFE
     assert grid_entries(df, "c", [1]) == []
+
+
+def test_nfe_plot_names_each_experiment_once_in_its_own_colour_beside_the_panel(monkeypatch, tmp_path):
+    """14 experiments: one legend entry each (no per-solver repeats), 14 distinct colours (tab20 past ten), the
+    floor and a marker key; the legend lies right of the axes so it hides no curve, and every curve is drawn
+    in its experiment's colour."""
+    import matplotlib.colors as mcolors
+
+    from sourceflow import report
+
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig))
+    df = moons()
+    report.w2_vs_nfe_png(tmp_path / "w2.png", df, floors={"moons": 0.01})
+    ax = figs[0].axes[0]
+    leg = ax.get_legend()
+    labels = [t.get_text() for t in leg.get_texts()]
+    names = sorted(df.experiment.unique())
+    assert labels == [*names, "data vs data (floor)", "euler", "dopri5 (mean NFE)"]
+    colours = [mcolors.to_hex(h.get_color()) for h in leg.legend_handles[:len(names)]]
+    assert len(set(colours)) == len(names) == 14
+    drawn = {mcolors.to_hex(line.get_color()) for line in ax.get_lines() if line.get_marker() in ("o", "*")}
+    assert drawn == set(colours)
+    figs[0].canvas.draw()
+    assert leg.get_window_extent().x0 >= ax.get_window_extent().x1
