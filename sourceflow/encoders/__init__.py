@@ -18,9 +18,10 @@ error naming the folder.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:  # annotations only: the workflow's preflight imports encoders.weights without torch
+    import torch
 
 ENCODERS = ("pixels", "dinov2", "siglip2", "mae", "sd-vae", "rae")
 OPTIONS: dict[str, tuple[str, ...]] = {"pixels": ("pool",), "dinov2": ("input_size",), "siglip2": ("input_size",),

@@ -55,6 +55,19 @@ def test_config_dry_run_plans_every_experiment(repo, name):
         assert text in out, f"{name}: {text!r} not in the dry run"
 
 
+def test_planning_the_default_imports_no_numerical_library(repo):
+    """Every snakemake invocation (a dry run, each SLURM job's own snakemake) parses the workflow: for the
+    default it must not import torch, scikit-learn, SciPy or POT (the preflight once pulled torch in through
+    the encoders package, ~2 s a call); image configs import torch for the resource plan (train mem_mb)."""
+    import os
+
+    env = dict(os.environ, PYTHONPROFILEIMPORTTIME="1")
+    res = snakemake(repo, "-n", "--forceall", env=env)
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in res.stderr.splitlines() if ln.startswith("import time:")}
+    assert "snakemake" in imported and "sourceflow.config" in imported
+    assert not imported & {"torch", "sklearn", "scipy", "ot"}, sorted(imported & {"torch", "sklearn", "scipy", "ot"})
+
+
 def test_gmm_reuse_bounds_key_reaches_the_fit(repo, tmp_path):
     """`gmm[].reuse_bounds: true` (a small file layered over the default) adds --reuse-bounds to that fit only."""
     over = tmp_path / "bounds.yaml"
