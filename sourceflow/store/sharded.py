@@ -170,6 +170,9 @@ def temp_store_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+SETTLE_TIMEOUT_S = 60.0
+
+
 def settle_zarr_writes() -> None:
     """Wait until every write Zarr has in flight has ended.
 
@@ -185,7 +188,10 @@ def settle_zarr_writes() -> None:
         me = asyncio.current_task()
         await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not me), return_exceptions=True)
 
-    sync(drain())
+    # bounded, and never masking the failure being handled: a write hung on a dead file system leaves at worst
+    # the temporary folder behind
+    with contextlib.suppress(Exception):
+        sync(drain(), timeout=SETTLE_TIMEOUT_S)
 
 
 class ShardedWriter:
