@@ -396,21 +396,26 @@ def test_failed_store_creation_waits_for_zarr_writes_before_removing_its_folder(
     """Zarr writes an array's metadata and its parent's concurrently and raises on the first failure while the
     other write runs on (and its ``mkdir(parents=True)`` recreates the folder): the atomic creation must wait for
     it before removing the temporary folder, or a full disk leaves a stray ``.name.*.tmp`` behind (seen in CI)."""
+    import asyncio
     import errno
     import time
 
-    import zarr.storage._local as local
+    from zarr.storage import LocalStore
 
-    put = local._put
+    set_, set_new = LocalStore.set, LocalStore.set_if_not_exists
 
-    def racing_put(path, value, exclusive=False):
-        if path.parent.name == "images":  # the array's zarr.json fails at once, as on a full disk
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        if path.name == "zarr.json" and path.parent.name.endswith(".tmp") and exclusive:
-            time.sleep(0.4)  # the parent group's write, still running when the failure is raised
-        return put(path, value, exclusive=exclusive)
+    async def failing_set(self, key, value):  # the array's zarr.json fails at once, as on a full disk
+        if key.startswith("images/"):
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        return await set_(self, key, value)
 
-    monkeypatch.setattr(local, "_put", racing_put)
+    async def slow_set_if_not_exists(self, key, value):  # the parent group's write, still running then
+        await asyncio.sleep(0.4)
+        return await set_new(self, key, value)
+
+    # the stores' public write methods, so the test keeps reproducing the race across Zarr 3 releases
+    monkeypatch.setattr(LocalStore, "set", failing_set)
+    monkeypatch.setattr(LocalStore, "set_if_not_exists", slow_set_if_not_exists)
     with pytest.raises(OSError) as e:
         create_sharded_group(tmp_path / "s.zarr", {"images": ((8, 2), "uint8")}, 4, {})
     assert e.value.errno == errno.ENOSPC
