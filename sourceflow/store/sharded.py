@@ -182,15 +182,15 @@ def settle_zarr_writes() -> None:
     """
     import asyncio
 
-    from zarr.core.sync import sync
-
     async def drain() -> None:
         me = asyncio.current_task()
         await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not me), return_exceptions=True)
 
-    # bounded, and never masking the failure being handled: a write hung on a dead file system leaves at worst
-    # the temporary folder behind
+    # bounded, and never masking the failure being handled: a write hung on a dead file system (or a Zarr without
+    # this loop helper) leaves at worst the temporary folder behind
     with contextlib.suppress(Exception):
+        from zarr.core.sync import sync  # Zarr's own event loop, where its writes run
+
         sync(drain(), timeout=SETTLE_TIMEOUT_S)
 
 
