@@ -58,7 +58,7 @@ def _schema() -> dict[str, Any]:
     # libyaml's loader when PyYAML has it: the pure-Python one takes ~0.5 s for this 33 KB file, paid by every
     # snakemake invocation (a dry run, each SLURM job's own snakemake) three times before this cache
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(SCHEMA_PATH.read_text(), Loader=loader)  # noqa: S506 - a safe loader
+    return yaml.load(SCHEMA_PATH.read_text(), Loader=loader)  # a safe loader either way: plain data only
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

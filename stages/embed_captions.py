@@ -53,7 +53,6 @@ def main() -> None:
     a = p.parse_args()
     cli.set_threads(a.threads)
 
-
     import numpy as np
     import pandas as pd
     import torch

@@ -157,7 +157,8 @@ def create_sharded_group(path: str | Path, arrays: dict[str, tuple[Sequence[int]
 @contextlib.contextmanager
 def temp_store_dir(path: Path) -> Iterator[Path]:
     """A temporary folder beside ``path`` for building a Zarr store that the caller renames to ``path``;
-    removed if it is still there at the end, after Zarr's in-flight writes have ended (see below)."""
+    removed if it is still there at the end, after Zarr's in-flight writes have ended
+    (:func:`settle_zarr_writes`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
